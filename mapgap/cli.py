@@ -1,0 +1,148 @@
+"""The ``mapgap`` command line: one command per pipeline stage, the whole
+pipeline, the offline demo, the UIs and evaluation.
+
+Heavy imports (prefect, torch) happen inside commands so ``--help`` is instant,
+and after :func:`setup_environment` so Prefect sees our defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mapgap.orchestration import setup_environment
+
+app = typer.Typer(
+    help="Find what OpenStreetMap is missing: OSM labels + imagery -> model -> candidates.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. conf/demo.yaml")]
+
+# stage command -> (flow module, flow function, one-line help)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "harvest": ("mapgap.flows.harvest", "harvest_flow", "Harvest OSM labels per class."),
+    "fetch": ("mapgap.flows.fetch", "fetch_flow", "Fetch imagery onto the tile grid."),
+    "pack": ("mapgap.flows.pack", "pack_flow", "Rasterize masks and pack WebDataset shards."),
+    "train": ("mapgap.flows.train", "train_flow", "Train the model, tracked in MLflow."),
+    "mine": ("mapgap.flows.mine", "mine_flow", "Hard-negative mining rounds."),
+    "predict": ("mapgap.flows.predict", "predict_flow", "Batch inference + polygons."),
+    "dedup": ("mapgap.flows.dedup", "dedup_flow", "Keep what OSM lacks; write review files."),
+    "run": ("mapgap.flows.pipeline", "pipeline_flow", "Run the whole pipeline."),
+}
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load(config: Path, overrides: dict[str, Any] | None = None) -> Any:
+    from mapgap.conf import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as err:
+        fail(str(err))
+
+
+def run_stage(stage: str, cfg: Any, **params: Any) -> Any:
+    """Run a stage flow bound to the run's storage and task runner."""
+    from mapgap.orchestration import configured
+
+    module, name, _ = STAGES[stage]
+    flow_obj = getattr(importlib.import_module(module), name)
+    return configured(flow_obj, cfg)(cfg, **params)
+
+
+def _register_stage(stage: str) -> None:
+    help_text = STAGES[stage][2]
+
+    def command(config: ConfigArg) -> None:
+        setup_environment()
+        cfg = load(config)
+        result = run_stage(stage, cfg)
+        typer.echo(json.dumps(result, indent=2, default=str))
+
+    command.__doc__ = help_text
+    app.command(name=stage, help=help_text)(command)
+
+
+for _stage in STAGES:
+    if _stage != "run":
+        _register_stage(_stage)
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    refresh: Annotated[
+        str, typer.Option(help="Comma-separated stages to recompute (cache ignored).")
+    ] = "",
+) -> None:
+    """Run the whole pipeline; finished tasks of earlier runs are reused."""
+    setup_environment()
+    cfg = load(config)
+    stages = [s for s in refresh.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES) - {"run"})
+    if unknown:
+        fail(f"--refresh: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    result = run_stage("run", cfg, refresh=stages)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the scene and the run.")] = Path("demo-out"),
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic town.")] = 0,
+) -> None:
+    """Generate the offline demo town and run the pipeline on it (no network)."""
+    setup_environment()
+    from mapgap.demo import run_demo
+
+    run_demo(out.resolve(), seed)
+
+
+@app.command()
+def ui(
+    config: Annotated[
+        Path | None, typer.Argument(help="Config whose MLflow store to show (default: demo)")
+    ] = None,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+) -> None:
+    """Start the Prefect UI and the MLflow UI on 127.0.0.1 and print their URLs."""
+    setup_environment()
+    from mapgap.ui import serve_uis
+
+    tracking = None
+    if config is not None:
+        from mapgap.tracking import tracking_uri
+
+        tracking = tracking_uri(load(config))
+    serve_uis(prefect_port, mlflow_port, tracking)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="Predicted polygons (GeoJSON, 'score' property).")],
+    truth: Annotated[Path, typer.Option(help="Reference polygons (GeoJSON).")],
+    iou: Annotated[float, typer.Option(help="Match when IoU is above this.")] = 0.5,
+) -> None:
+    """Object-level precision/recall/F1 (one-to-one, in score order); prints JSON."""
+    from mapgap.tasks.evaluate import EvaluationError, evaluate_files
+
+    try:
+        result = evaluate_files(pred, truth, iou)
+    except EvaluationError as err:
+        fail(str(err))
+    typer.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,78 @@
+"""Where each stage puts its outputs inside a run dir (``<root>/runs/<name>/``).
+
+Stages only talk to each other through these URIs, so a stage can be rerun,
+inspected or replaced on its own, locally or on S3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mapgap import storage
+from mapgap.grid import Tile
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: str
+
+    def _p(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    # --- labels (harvest) ---
+    def labels(self, class_name: str) -> str:
+        """GeoParquet of one class's OSM features (EPSG:4326)."""
+        return self._p("labels", f"{class_name}.parquet")
+
+    @property
+    def labels_summary(self) -> str:
+        return self._p("labels", "summary.json")
+
+    # --- imagery (fetch) ---
+    def image(self, tile: Tile) -> str:
+        """RGB uint8 PNG, tile_size px."""
+        return self._p("tiles", str(tile.z), str(tile.x), f"{tile.y}.png")
+
+    @property
+    def fetch_report(self) -> str:
+        return self._p("tiles", "fetch_report.json")
+
+    # --- masks (rasterize) ---
+    def mask(self, tile: Tile) -> str:
+        """uint8 PNG: 0 background, class index by priority, 255 ignore."""
+        return self._p("masks", str(tile.z), str(tile.x), f"{tile.y}.png")
+
+    @property
+    def mask_stats(self) -> str:
+        """Per tile: feature count and foreground fraction per class."""
+        return self._p("masks", "stats.json")
+
+    # --- shards (pack) ---
+    @property
+    def shards(self) -> str:
+        return self._p("shards")
+
+    @property
+    def manifest(self) -> str:
+        return self._p("shards", "manifest.json")
+
+    # --- training / mining ---
+    @property
+    def train(self) -> str:
+        return self._p("train")
+
+    def mining_round(self, k: int) -> str:
+        return self._p("mining", f"round-{k:02d}")
+
+    # --- inference / outputs ---
+    def probability(self, tile: Tile) -> str:
+        """uint8 PNG of foreground probability x 255 (one band per class)."""
+        return self._p("predict", "probs", str(tile.z), str(tile.x), f"{tile.y}.png")
+
+    @property
+    def predictions(self) -> str:
+        return self._p("predictions.geojson")
+
+    def output(self, filename: str) -> str:
+        """Review outputs at the top of the run dir (candidates.geojson, ...)."""
+        return self._p(filename)

@@ -1,0 +1,161 @@
+"""One small layer over fsspec so every stage reads and writes the same way on a
+local directory and on ``s3://`` (s3fs).
+
+Every write is atomic: local files are written to a temporary name in the same
+directory and renamed into place; S3 objects only become visible when the upload
+completes. A reader therefore never sees a half-written file, and an interrupted
+write leaves the previous version intact.
+
+S3 endpoint and credentials come from the environment only (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``...), so remote workers resolve them the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+class StorageError(RuntimeError):
+    """An I/O problem, always naming the URI involved."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/' for remote URIs and os.path for local ones."""
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return str(Path(base, *parts))
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    try:
+        return json.loads(read_text(uri))
+    except json.JSONDecodeError as err:
+        raise StorageError(f"{uri}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+@contextlib.contextmanager
+def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO]:
+    """Open ``uri`` for writing so that it appears whole or not at all."""
+    if "w" not in mode:
+        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
+    fs, path = _fs(uri)
+    if is_remote(uri):
+        # An S3 object is only created when the (multipart) upload completes;
+        # an exception discards the upload.
+        f = fs.open(path, mode)
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()
+                f.closed = True  # nothing to flush: the object is never created
+            raise
+        f.close()
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    with atomic_open(uri, "wb") as f:
+        f.write(data)
+    return uri
+
+
+def write_text(uri: str, text: str) -> str:
+    return write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> str:
+    return write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted URIs matching a glob pattern (same scheme as the pattern)."""
+    fs, path = _fs(pattern)
+    found = sorted(fs.glob(path))
+    if is_remote(pattern):
+        proto = pattern.split("://", 1)[0]
+        return [f"{proto}://{p}" for p in found]
+    return found
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def makedirs(uri: str) -> None:
+    if not is_remote(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def local_file(uri: str, suffix: str = "") -> Iterator[Path]:
+    """A local path for libraries that need a real file (osmium, GDAL drivers).
+
+    Local URIs are used in place; remote ones are downloaded to a temp file.
+    """
+    if not is_remote(uri):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise StorageError(f"{uri}: no such file")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mapgap-") as tmp:
+        local = Path(tmp, "data" + (suffix or Path(uri).suffix))
+        fs, path = _fs(uri)
+        try:
+            with fs.open(path, "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except FileNotFoundError:
+            raise StorageError(f"{uri}: no such file") from None
+        yield local

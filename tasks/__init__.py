@@ -1,0 +1,1 @@
+"""mapgap package."""

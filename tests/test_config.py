@@ -1,0 +1,134 @@
+"""Config errors are one line naming the file, the field and the problem; the CLI
+exits with code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mapgap.conf import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+MINIMAL = {
+    "name": "t",
+    "aoi": [32.59, 0.34, 32.60, 0.35],
+    "zoom": 18,
+    "classes": [{"name": "building", "tags": {"include": {"building": "*"}}}],
+    "labels": {"source": "town.osm.pbf"},
+    "imagery": {"source": "http://127.0.0.1:1/{z}/{x}/{y}.png"},
+}
+
+
+def write(tmp_path: Path, data: dict, name: str = "c.yaml") -> Path:
+    (tmp_path / "town.osm.pbf").write_bytes(b"")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def with_(**changes: object) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node.setdefault(p, {})
+        node[leaf] = value
+    return data
+
+
+def test_minimal_config_loads_and_resolves_paths(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.labels.source == str(tmp_path / "town.osm.pbf")
+    assert cfg.labels.kind == "osm"
+    assert cfg.imagery.kind == "xyz"
+    assert cfg.run_uri.endswith("runs/t")
+    assert cfg.aoi_geometry.bounds == pytest.approx((32.59, 0.34, 32.60, 0.35))
+    assert cfg.classes[0].output_tags() == {"building": "yes"}
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "problem"),
+    [
+        (with_(zom=18), "zom", "unknown key"),
+        (with_(train__epoch=3), "train.epoch", "unknown key"),
+        (with_(zoom="eighteen"), "zoom", "valid integer"),
+        (with_(zoom=25), "zoom", "less than or equal to 24"),
+        (with_(zoom=-1), "zoom", "greater than or equal to 0"),
+        (with_(aoi=[10, 0, 5, 1]), "aoi", "west < east"),
+        (with_(aoi=[0, -91, 1, 1]), "aoi", "latitudes"),
+        (with_(labels={"source": "missing.osm.pbf"}), "labels.source", "file not found"),
+        (with_(aoi="nowhere.geojson"), "aoi", "file not found"),
+        (with_(imagery={"source": "http://x/{x}/{y}.png"}), "imagery.source", "{z}"),
+        (with_(classes=[]), "classes", "at least 1"),
+        (with_(classes__0__name="Build.ing"), "classes[0].name", "pattern"),
+        (with_(classes__0__geometry="line"), "classes[0]", "need width_m"),
+    ],
+)
+def test_bad_config_is_one_line_naming_field(
+    tmp_path: Path, data: dict, field: str, problem: str
+) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {field}")
+    assert problem in message
+
+
+def test_missing_field_and_bad_yaml(tmp_path: Path) -> None:
+    data = dict(MINIMAL)
+    del data["zoom"]
+    with pytest.raises(ConfigError, match=r"c.yaml: zoom: required field is missing"):
+        load_config(write(tmp_path, data))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_aoi_from_geojson(tmp_path: Path) -> None:
+    (tmp_path / "aoi.geojson").write_text(
+        '{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},'
+        ' "geometry": {"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0,0]]]}}]}'
+    )
+    cfg = load_config(write(tmp_path, with_(aoi="aoi.geojson")))
+    assert cfg.aoi_geometry.area == pytest.approx(0.5)
+
+
+def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, with_(zoom=30))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapgap.cli", "harvest", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: zoom:")
+
+
+def test_kampala_config_validates() -> None:
+    if not (REPO.parent / "shared" / "data" / "kampala").exists():
+        pytest.skip("../shared/data/kampala not available (see ../shared/data/README.md)")
+    cfg = load_config(REPO / "conf" / "kampala.yaml")
+    assert cfg.labels.kind == "vector" and cfg.imagery.kind == "xyz"
+
+
+def test_demo_config_validates_with_generated_sources(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from mapgap.demo import demo_config
+
+    pbf = tmp_path / "town.osm.pbf"
+    pbf.write_bytes(b"")
+    scene = SimpleNamespace(bbox=(32.59, 0.34, 32.60, 0.35), zoom=18, pbf=pbf)
+    cfg = demo_config(scene, "http://127.0.0.1:8000/{z}/{x}/{y}.png", tmp_path)
+    assert [c.name for c in cfg.classes] == ["building", "road", "parking"]
+    assert cfg.run_uri == str(tmp_path / "runs" / "demo")
