@@ -27,13 +27,22 @@ def stage_flow(stage: str) -> Any:
 
 
 @flow(name="mapgap-pipeline", log_prints=True)
-def pipeline_flow(cfg: PipelineConfig, refresh: list[str] | None = None) -> dict[str, Any]:
-    """Harvest -> fetch -> pack -> train -> mine -> predict -> dedup."""
+def pipeline_flow(
+    cfg: PipelineConfig, refresh: list[str] | None = None, stages: list[str] | None = None
+) -> dict[str, Any]:
+    """Harvest -> fetch -> pack -> train -> mine -> predict -> dedup.
+
+    ``stages`` limits the run to some stages (e.g. a nightly label refresh +
+    predict), which then read the other stages' latest outputs from the run dir.
+    """
     refresh = refresh or []
+    unknown = sorted((set(refresh) | set(stages or [])) - set(STAGE_ORDER))
+    if unknown:
+        raise ValueError(f"unknown stage(s): {', '.join(unknown)}; stages: {', '.join(STAGE_ORDER)}")
     log = get_logger()
     summary: dict[str, Any] = {}
     for stage in STAGE_ORDER:
-        if stage == "mine" and cfg.mining.rounds == 0:
+        if (stages and stage not in stages) or (stage == "mine" and cfg.mining.rounds == 0):
             continue
         log.info("stage %s%s", stage, " (refresh)" if stage in refresh else "")
         with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: stage in refresh}):

@@ -15,6 +15,8 @@ import pytest
 _PREFECT_HOME = tempfile.mkdtemp(prefix="mapgap-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.pop("PREFECT_API_URL", None)
+# INFO lines logged at interpreter exit would hit pytest's closed capture streams.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from mapgap.orchestration import setup_environment  # noqa: E402
 

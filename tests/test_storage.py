@@ -65,3 +65,15 @@ def test_bad_json_names_uri(root: str) -> None:
     storage.write_text(uri, "{not json")
     with pytest.raises(storage.StorageError, match=r"bad.json: not valid JSON"):
         storage.read_json(uri)
+
+
+def test_fingerprint_follows_content_not_writes(root: str) -> None:
+    a, b = storage.join(root, "a.txt"), storage.join(root, "b.txt")
+    storage.write_text(a, "one")
+    first = storage.fingerprint([a, b])
+    storage.write_text(a, "one")  # same bytes rewritten
+    assert storage.fingerprint([b, a]) == first
+    storage.write_text(a, "two")
+    assert storage.fingerprint([a, b]) != first
+    storage.write_text(b, "now present")
+    assert storage.fingerprint([a, b]) != storage.fingerprint([a])
