@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from mapgap.conf.base import Strict
 from pydantic import Field
+
+from mapgap.conf.base import Strict
 
 
 class InferenceConfig(Strict):
@@ -24,6 +25,12 @@ class InferenceConfig(Strict):
     simplify_m: float = Field(default=0.5, ge=0)
     min_area_m2: float = Field(default=10.0, ge=0)
     orthogonalize: bool = True
+    # DataLoader worker processes that decode tiles while the model runs (0: in the
+    # task's own thread), and how many batches each keeps ready.
+    loader_workers: int = Field(default=1, ge=0)
+    prefetch_batches: int = Field(default=2, ge=1)
+    # Upper bound on decoded tiles kept for their neighbours' margins (per worker).
+    tile_cache: int = Field(default=128, ge=9)
 
 
 class DedupConfig(Strict):
@@ -33,3 +40,8 @@ class DedupConfig(Strict):
     overlap: float = Field(default=0.5, ge=0, le=1)
     # OSM features whose area is predicted below this share are "unsupported".
     support: float = Field(default=0.2, ge=0, le=1)
+    # Zoom of the quality grid cells (default: the run's tile zoom).
+    grid_zoom: int | None = Field(default=None, ge=0, le=24)
+    # XYZ template of the imagery layer in review.html (default: the run's own
+    # tiles, relative to the page so the run dir can be zipped and shared).
+    review_imagery: str | None = None

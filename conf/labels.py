@@ -12,7 +12,8 @@ TagValues = list[str] | Literal["*"]
 
 class TagFilter(Strict):
     """A feature matches when any ``include`` key has an allowed value and no
-    ``exclude`` key does ("*" means any value)."""
+    ``exclude`` key does. "*" means any value except "no" (``building=no`` is not
+    a building, ``tunnel=no`` is not a tunnel)."""
 
     include: dict[str, TagValues] = Field(min_length=1)
     exclude: dict[str, TagValues] = {}
@@ -25,6 +26,7 @@ class ClassSpec(Strict):
     # Lines: default full width; points: diameter. Metres, buffered in a local UTM CRS.
     width_m: float | None = Field(default=None, gt=0)
     # Lines: default width per value of the first include key (e.g. per highway class).
+    # A feature's own ``width=`` tag wins, then ``lanes=`` x lane_width_m.
     widths_m: dict[str, float] = {}
     lane_width_m: float = Field(default=3.5, gt=0)
     # Higher priority wins where classes overlap in a multi-class mask.
@@ -46,27 +48,43 @@ class ClassSpec(Strict):
 
 
 class OverpassConfig(Strict):
+    # The AOI is split into sub-boxes of at most this size; each is its own
+    # cached task, so a rerun re-asks only the boxes that failed.
     max_box_deg: float = Field(default=0.05, gt=0)
+    # Server-side [timeout:]; the HTTP read timeout adds a margin to it.
     timeout_s: int = Field(default=180, gt=0)
+    # Extra attempts after HTTP 429/502/503/504, connection errors, cut replies.
     retries: int = Field(default=4, ge=0)
+    # First back-off delay, doubled per attempt up to max_backoff_s (Retry-After wins).
+    backoff_s: float = Field(default=5.0, ge=0)
+    max_backoff_s: float = Field(default=120.0, ge=0)
+    # Longest total wait for a free slot announced by <endpoint>/status ...
     max_slot_wait_s: float = Field(default=300, ge=0)
+    # ... which is re-read at most this often while waiting.
+    status_poll_s: float = Field(default=15.0, gt=0)
     user_agent: str = "mapgap/0.1 (OSM gap finder; https://github.com/mapgap/mapgap)"
 
 
 class LabelsConfig(Strict):
     # A .osm.pbf / .osm / .osm.bz2 file, an Overpass endpoint URL (http...), or a
-    # vector file (GeoJSON, GeoPackage, GeoParquet).
+    # vector file (GeoJSON, GeoPackage, GeoParquet): one file with a class column,
+    # a folder of <class>.<ext> files, or a path template with "{class}".
     source: str
     class_column: str = "class"
     overpass: OverpassConfig = OverpassConfig()
-    # Pixels along every feature edge set to 255 (ignored by the loss).
+    # Pixels within this distance of any feature edge set to 255 (ignored by the loss).
     edge_ignore_px: int = Field(default=0, ge=0)
+    # Also write a signed-distance target per tile (RunLayout.signed_distance):
+    # uint8, 128 on the edge, 128 + 127*d/clip inside, below 128 outside.
     signed_distance: bool = False
+    signed_distance_clip_px: int = Field(default=16, ge=1)
+    # Tiles rasterized per Prefect task.
+    tiles_per_task: int = Field(default=512, ge=1)
 
     @field_validator("source")
     @classmethod
     def _resolve(cls, v: str, info: ValidationInfo) -> str:
-        return resolve_path(v, info)
+        return resolve_path(v, info, must_exist="{class}" not in v)
 
     @property
     def kind(self) -> Literal["osm", "overpass", "vector"]:

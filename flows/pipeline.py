@@ -38,7 +38,8 @@ def pipeline_flow(
     refresh = refresh or []
     unknown = sorted((set(refresh) | set(stages or [])) - set(STAGE_ORDER))
     if unknown:
-        raise ValueError(f"unknown stage(s): {', '.join(unknown)}; stages: {', '.join(STAGE_ORDER)}")
+        known = ", ".join(STAGE_ORDER)
+        raise ValueError(f"unknown stage(s): {', '.join(unknown)}; stages: {known}")
     log = get_logger()
     summary: dict[str, Any] = {}
     for stage in STAGE_ORDER:

@@ -70,6 +70,19 @@ class RunLayout:
         return self._p("predict", "probs", str(tile.z), str(tile.x), f"{tile.y}.png")
 
     @property
+    def predict_meta(self) -> str:
+        """Classes of the probability bands and the model that made them."""
+        return self._p("predict", "meta.json")
+
+    def vector_pieces(self, batch: str) -> str:
+        """Polygons of one vectorize batch before the cross-tile merge (GeoParquet-like)."""
+        return self._p("predict", "pieces", f"{batch}.parquet")
+
+    def dedup_part(self, class_name: str, part: str) -> str:
+        """Per-class dedup results (candidates, unsupported, grid) before the review files."""
+        return self._p("dedup", class_name, f"{part}.parquet")
+
+    @property
     def predictions(self) -> str:
         return self._p("predictions.geojson")
 
