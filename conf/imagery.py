@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from mapgap.conf.base import Strict, resolve_path
 from pydantic import Field, ValidationInfo, field_validator
 
+from mapgap.conf.base import Strict, resolve_path
+
 _TEMPLATE_KEYS = ("{x}", "{y}", "{-y}", "{q}")
+Byte = Annotated[int, Field(ge=0, le=255)]
 _RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2")
 
 
@@ -19,17 +21,29 @@ class ImageryConfig(Strict):
     # Name of an environment variable holding an API key; substituted for {key}
     # in the template. The key itself never appears in config, logs or reports.
     api_key_env: str | None = None
-    subdomains: list[str] = ["a", "b", "c"]
+    subdomains: list[str] = Field(default=["a", "b", "c"], min_length=1)
     concurrency: int = Field(default=16, ge=1, le=256)
     retries: int = Field(default=3, ge=0)
     timeout_s: float = Field(default=10, gt=0)
+    # Retry waits double from backoff_s (with jitter) up to max_backoff_s; a 429's
+    # Retry-After is honoured up to max_backoff_s.
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=30, ge=0)
     # Tiles with more blank/nodata pixels than this are skipped and reported.
     max_blank_fraction: float = Field(default=0.95, ge=0, le=1)
-    # Build tile_size px tiles from the 4 children at zoom+1 (e.g. 512 px from 256 px).
+    # Besides transparent pixels, XYZ pixels of exactly these colours count as
+    # blank (servers paint areas without imagery black or white).
+    blank_colors: list[tuple[Byte, Byte, Byte]] = [(0, 0, 0), (255, 255, 255)]
+    # XYZ: build tile_size px tiles from the 4 children at zoom+1 (e.g. 512 px from 256 px).
     overzoom: bool = False
     # Per-band percentile stretch for non-8-bit or single-band rasters.
     stretch_percentiles: tuple[float, float] = (2.0, 98.0)
-    bands: list[int] | None = None
+    # GeoTIFF bands to use as R, G, B (or one gray band); default: the bands
+    # tagged red/green/blue, else the first three, else band 1.
+    bands: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=3)
+    # GeoTIFF nodata value when the file does not declare one.
+    nodata: float | None = None
+    resampling: Literal["nearest", "bilinear", "cubic", "lanczos", "average"] = "bilinear"
     tiles_per_task: int = Field(default=1024, ge=1)
 
     @field_validator("source")
@@ -37,7 +51,7 @@ class ImageryConfig(Strict):
     def _check_source(cls, v: str, info: ValidationInfo) -> str:
         if v.lower().endswith(_RASTER_SUFFIXES):
             return resolve_path(v, info)
-        if "{z}" not in v:
+        if "{z}" not in v and "{q}" not in v:  # a quadkey encodes the zoom
             raise ValueError(
                 f"neither a GeoTIFF path nor a tile template with {{z}}: {v}"
             )
@@ -48,3 +62,17 @@ class ImageryConfig(Strict):
     @property
     def kind(self) -> Literal["xyz", "geotiff"]:
         return "geotiff" if self.source.lower().endswith(_RASTER_SUFFIXES) else "xyz"
+
+    @field_validator("bands")
+    @classmethod
+    def _rgb_or_gray(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(v) == 2:
+            raise ValueError("give 3 bands (R, G, B) or 1 gray band, not 2")
+        return v
+
+    @field_validator("stretch_percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError(f"need 0 <= low < high <= 100, got {v[0]}, {v[1]}")
+        return v

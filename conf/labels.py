@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
 from typing import Literal
 
-from mapgap.conf.base import Strict, is_uri, resolve_path
+import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from mapgap.conf.base import Strict, is_uri, resolve_path
 
 TagValues = list[str] | Literal["*"]
 
@@ -95,3 +99,10 @@ class LabelsConfig(Strict):
         if is_uri(self.source) and not self.source.startswith("s3://"):
             raise ValueError(f"labels.source: unsupported URI scheme: {self.source}")
         return "vector"
+
+
+@cache
+def class_presets() -> dict[str, ClassSpec]:
+    """The recommended classes of conf/classes.yaml (building, road, parking)."""
+    data = yaml.safe_load((Path(__file__).parent / "classes.yaml").read_text())
+    return {name: ClassSpec.model_validate(block) for name, block in data.items()}

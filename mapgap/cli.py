@@ -51,13 +51,23 @@ def load(config: Path, overrides: dict[str, Any] | None = None) -> Any:
         fail(str(err))
 
 
+def is_input_error(err: BaseException) -> bool:
+    """mapgap's own exceptions describe bad input in one line: no traceback."""
+    return type(err).__module__.startswith("mapgap.") and isinstance(err, ValueError | RuntimeError)
+
+
 def run_stage(stage: str, cfg: Any, **params: Any) -> Any:
     """Run a stage flow bound to the run's storage and task runner."""
     from mapgap.orchestration import configured
 
     module, name, _ = STAGES[stage]
     flow_obj = getattr(importlib.import_module(module), name)
-    return configured(flow_obj, cfg)(cfg, **params)
+    try:
+        return configured(flow_obj, cfg)(cfg, **params)
+    except Exception as err:
+        if is_input_error(err):
+            fail(str(err).splitlines()[0] if str(err) else type(err).__name__, code=1)
+        raise
 
 
 def _register_stage(stage: str) -> None:

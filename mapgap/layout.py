@@ -28,7 +28,17 @@ class RunLayout:
     def labels_summary(self) -> str:
         return self._p("labels", "summary.json")
 
+    @property
+    def overpass_replies(self) -> str:
+        """Raw Overpass replies, one file per query hash (``<hash>.json|xml``)."""
+        return self._p("labels", "overpass")
+
     # --- imagery (fetch) ---
+    @property
+    def images(self) -> str:
+        """Folder of the imagery tiles: ``<images>/<z>/<x>/<y>.png``."""
+        return self._p("tiles")
+
     def image(self, tile: Tile) -> str:
         """RGB uint8 PNG, tile_size px."""
         return self._p("tiles", str(tile.z), str(tile.x), f"{tile.y}.png")
@@ -46,6 +56,14 @@ class RunLayout:
     def mask_stats(self) -> str:
         """Per tile: feature count and foreground fraction per class."""
         return self._p("masks", "stats.json")
+
+    def mask_stats_part(self, batch_id: str) -> str:
+        """Stats of one rasterize batch, merged into mask_stats by the flow."""
+        return self._p("masks", "stats-parts", f"{batch_id}.json")
+
+    def signed_distance(self, tile: Tile) -> str:
+        """uint8 PNG signed distance to the nearest label edge (128 = on the edge)."""
+        return self._p("masks-sdt", str(tile.z), str(tile.x), f"{tile.y}.png")
 
     # --- shards (pack) ---
     @property
@@ -65,6 +83,11 @@ class RunLayout:
         return self._p("mining", f"round-{k:02d}")
 
     # --- inference / outputs ---
+    @property
+    def probabilities(self) -> str:
+        """Folder of the probability tiles: ``<probabilities>/<z>/<x>/<y>.png``."""
+        return self._p("predict", "probs")
+
     def probability(self, tile: Tile) -> str:
         """uint8 PNG of foreground probability x 255 (one band per class)."""
         return self._p("predict", "probs", str(tile.z), str(tile.x), f"{tile.y}.png")
@@ -78,9 +101,9 @@ class RunLayout:
         """Polygons of one vectorize batch before the cross-tile merge (GeoParquet-like)."""
         return self._p("predict", "pieces", f"{batch}.parquet")
 
-    def dedup_part(self, class_name: str, part: str) -> str:
+    def dedup_part(self, class_name: str, filename: str) -> str:
         """Per-class dedup results (candidates, unsupported, grid) before the review files."""
-        return self._p("dedup", class_name, f"{part}.parquet")
+        return self._p("dedup", class_name, filename)
 
     @property
     def predictions(self) -> str:

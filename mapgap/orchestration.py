@@ -32,6 +32,8 @@ def setup_environment(project_dir: Path | None = None) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_UI_ENABLED", "true")
+    # The ephemeral API server needs ~9 s; more on a loaded 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Quiet, informative logs: our own lines matter more than Prefect's.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 

@@ -1,0 +1,132 @@
+"""Harvest flow: labels per class from OSM (.pbf/.osm/.osm.bz2 with osmium, or
+the Overpass API) or the user's vector files, then one mask per AOI tile.
+
+Outputs (see :class:`mapgap.layout.RunLayout`):
+
+* ``labels/<class>.parquet``: GeoParquet, EPSG:4326, one row per feature with
+  ``class, osm_id, osm_type, tags`` (JSON of the tags the class looks at),
+  ``width_m`` (buffer width of lines/points, NaN for areas) and ``geometry``
+  (always a (multi)polygon: lines and points are buffered in metres).
+  ``osm_type`` is node/way/relation; vector files give the type from their
+  ``osm_type``/``@type``/``@id`` columns ("unknown" with only an id), or
+  "feature" with ``osm_id`` = the row number. Rows are in Hilbert order with a
+  bbox covering column, so ``tasks.labels.read_labels(uri, bbox=...)`` is cheap;
+* ``labels/summary.json``: per class the features written and what was skipped
+  (``repaired, skipped_invalid, skipped_geometry, outside_aoi, clipped``), plus
+  warnings (e.g. an AOI outside the file);
+* ``masks/{z}/{x}/{y}.png``: uint8 single band, one per AOI tile, negatives too.
+  **Mask values**: ``0`` background; ``i + 1`` for the class at index ``i`` of
+  ``cfg.classes`` (where classes overlap the higher ``priority`` wins; equal
+  priority: the later class in the list); ``255`` ignore (a band of
+  ``labels.edge_ignore_px`` pixels along every feature outline, only when > 0);
+* ``masks/stats.json``: ``{tile key: {"features": {class: n}, "foreground":
+  {class: fraction}[, "ignore": fraction]}}``;
+* ``masks-sdt/{z}/{x}/{y}.png`` with ``labels.signed_distance``.
+
+Each source is one cached task (Overpass: one per sub-box), masks are drawn by
+batches of ``labels.tiles_per_task`` tiles; a rerun redoes only what changed or
+failed. Cache keys include the source file's size/mtime and the labels' content
+hashes, and a task whose outputs were deleted runs again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.futures import wait
+
+from mapgap import grid, storage
+from mapgap.conf.schema import PipelineConfig
+from mapgap.layout import RunLayout
+from mapgap.progress import get_logger
+from mapgap.tasks.labels import aoi_to_wkb, source_fingerprint
+from mapgap.tasks.osm import harvest_osm_task
+from mapgap.tasks.overpass import build_query, fetch_box_task, harvest_overpass_task, split_boxes
+from mapgap.tasks.rasterize import (
+    RasterSpec,
+    batch_id,
+    merge_stats,
+    order_tiles,
+    rasterize_batch_task,
+)
+from mapgap.tasks.vector_labels import harvest_vector_task
+
+
+def _unless_done(task: Any, *outputs: str) -> Any:
+    """The task as is, or forced to run when one of its outputs is missing
+    (a cached result must not point at deleted files)."""
+    if all(storage.exists(u) for u in outputs):
+        return task
+    return task.with_options(refresh_cache=True)
+
+
+def harvest_labels(cfg: PipelineConfig) -> dict[str, Any]:
+    """Labels of every class from ``cfg.labels.source``; returns the summary."""
+    labels, layout = cfg.labels, RunLayout(cfg.run_uri)
+    aoi = aoi_to_wkb(cfg.aoi_geometry)
+    outputs = [layout.labels_summary, *(layout.labels(c.name) for c in cfg.classes)]
+    if labels.kind == "overpass":
+        boxes = split_boxes(cfg.aoi_geometry, labels.overpass.max_box_deg)
+        get_logger().info("harvest: %d Overpass sub-boxes from %s", len(boxes), labels.source)
+        futures = [
+            fetch_box_task.submit(labels.source, b,
+                                  build_query(cfg.classes, b, labels.overpass.timeout_s),
+                                  layout.overpass_replies, labels.overpass)
+            for b in boxes
+        ]
+        wait(futures)  # every box finishes (and is cached) before a failure stops the flow
+        replies = [f.result() for f in futures]
+        task = _unless_done(harvest_overpass_task, *outputs)
+        return task(labels.source, replies, cfg.classes, aoi, cfg.run_uri)
+    fingerprint = source_fingerprint(labels.source, [c.name for c in cfg.classes])
+    if labels.kind == "osm":
+        task = _unless_done(harvest_osm_task, *outputs)
+        return task(labels.source, fingerprint, cfg.classes, aoi, cfg.run_uri)
+    task = _unless_done(harvest_vector_task, *outputs)
+    return task(labels.source, fingerprint, cfg.classes, labels.class_column, aoi, cfg.run_uri)
+
+
+def rasterize_masks(cfg: PipelineConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """A mask for every AOI tile, batched; merges the per-batch stats."""
+    layout = RunLayout(cfg.run_uri)
+    spec = RasterSpec.from_config(cfg)
+    labels = {c: {"uri": v["uri"], "sha256": v["sha256"]} for c, v in summary["classes"].items()}
+    tiles = order_tiles(grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom))
+    futures = []
+    for batch in grid.iter_batches(tiles, cfg.labels.tiles_per_task):
+        keys = [grid.tile_key(t) for t in batch]
+        task = _unless_done(rasterize_batch_task, layout.mask_stats_part(batch_id(keys)))
+        futures.append(task.submit(cfg.run_uri, keys, labels, spec))
+    get_logger().info("harvest: rasterizing %d tiles in %d batches", len(tiles), len(futures))
+    wait(futures)
+    totals = merge_stats([f.result() for f in futures], layout.mask_stats)
+    return {**totals, "mask_values": spec.values}
+
+
+@flow(name="harvest")
+def harvest_flow(cfg: PipelineConfig) -> dict[str, Any]:
+    """Labels per class -> GeoParquet + summary, then masks + stats for every AOI tile.
+
+    Mask values: 0 background, ``i + 1`` = ``cfg.classes[i]`` (higher priority
+    wins overlaps), 255 ignore (edge band, only with ``labels.edge_ignore_px``).
+    """
+    log = get_logger()
+    summary = harvest_labels(cfg)
+    counts = {c: v["features"] for c, v in summary["classes"].items()}
+    log.info("harvest: %s", ", ".join(f"{n} {c}" for c, n in counts.items()))
+    for warning in summary["warnings"]:
+        log.warning("harvest: %s", warning)
+    masks = rasterize_masks(cfg, summary)
+    layout = RunLayout(cfg.run_uri)
+    skipped = {c: {k: v[k] for k in ("repaired", "skipped_invalid", "skipped_geometry",
+                                      "outside_aoi")}
+               for c, v in summary["classes"].items()}
+    return {
+        "features": counts,
+        "skipped": skipped,
+        "warnings": summary["warnings"],
+        **masks,
+        "labels_summary": layout.labels_summary,
+        "mask_stats": layout.mask_stats,
+    }
