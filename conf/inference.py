@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
-from mapgap.conf.base import Strict
+from mapgap.conf.base import Strict, resolve_path
 
 
 class InferenceConfig(Strict):
@@ -31,6 +31,15 @@ class InferenceConfig(Strict):
     prefetch_batches: int = Field(default=2, ge=1)
     # Upper bound on decoded tiles kept for their neighbours' margins (per worker).
     tile_cache: int = Field(default=128, ge=9)
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_checkpoint(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # A checkpoint path is relative to the config file; its absence is reported
+        # by the predict stage (training may create it after the config is written).
+        if v is None or v.startswith("models:/"):
+            return v
+        return resolve_path(v, info, must_exist=False)
 
 
 class DedupConfig(Strict):

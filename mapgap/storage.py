@@ -97,8 +97,8 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO]:
     try:
         with open(tmp, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+        # No fsync: rename is atomic against a killed process, which is what
+        # reruns must survive; fsync per tile would triple the cost of a fetch.
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,7 +19,13 @@ import numpy as np
 from mapgap import storage
 from mapgap.grid import Tile, tile_key
 from mapgap.layout import RunLayout
-from mapgap.tasks.decode import blank_fraction, encode_png, fit_mask, fit_to_size, is_rgb8_png
+from mapgap.tasks.decode import (
+    blank_fraction,
+    encode_png,
+    fit_mask,
+    fit_to_size,
+    sniff_format,
+)
 
 OUTCOMES = ("missing", "blank", "failures", "retried")
 _SAMPLE_STEP, _SAMPLE_MARGIN = 4, 0.05
@@ -88,6 +94,14 @@ def merge_reports(parts: Iterable[dict[str, Any]], **extra: Any) -> dict[str, An
     return {**extra, **merged.to_dict()}
 
 
+def keep_as_is(original: bytes, rgb: np.ndarray, valid: np.ndarray | None, size: int) -> bool:
+    """Source bytes are stored untouched when they already decode to an opaque
+    ``size`` px tile: re-encoding costs ~8x the download and gains nothing (a
+    JPEG stays lossy). Readers decode by content (a JPEG behind ``.png`` is fine)
+    and take RGB (an all-opaque alpha band is dropped)."""
+    return valid is None and rgb.shape[:2] == (size, size) and sniff_format(original) is not None
+
+
 @dataclass(frozen=True)
 class TileStore:
     """The run's tile folder: knows what exists and stores tiles in the one format."""
@@ -142,7 +156,7 @@ class TileStore:
             report.add("blank", tile, f"{fraction:.1%} blank > {self.max_blank_fraction:.1%}",
                        fraction=round(fraction, 4))
             return False
-        if original is not None and is_rgb8_png(original, self.tile_size):
+        if original is not None and keep_as_is(original, rgb, valid, self.tile_size):
             data = original
         else:
             rgb = fit_to_size(rgb, self.tile_size)
