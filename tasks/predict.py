@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -40,6 +41,10 @@ from mapgap.tasks.neighbourhood import TileCache, cache_capacity, row_major, wit
 
 MODEL_MULTIPLE = 32  # the model contract: H and W multiples of 32
 _REGISTRY_SPEC = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+# Failure injection for rerun tests and drills: the batch holding this tile key fails.
+FAULTY_TILE_ENV = "MAPGAP_FAULTY_TILE"
 
 
 class ModelLoadError(ValueError):
@@ -339,6 +344,9 @@ def write_meta(layout: RunLayout, ref: ModelRef, classes: list[str], s: PredictS
 def predict_batch(run_uri: str, tile_keys: list[str], model: ModelRef,
                   settings: PredictSettings) -> dict[str, int]:
     """One cached task per batch of tiles (the model is loaded once per process)."""
+    faulty = os.environ.get(FAULTY_TILE_ENV)
+    if faulty in tile_keys:
+        raise TileReadError(f"{FAULTY_TILE_ENV}={faulty}: injected failure in this tile batch")
     tiles = [parse_tile_key(k) for k in tile_keys]
     result = predict_tiles(RunLayout(run_uri), tiles, load_model(model), settings)
     get_logger().info("predicted %d tiles (%s..%s)", result["tiles"], tile_keys[0],
