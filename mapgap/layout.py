@@ -40,7 +40,8 @@ class RunLayout:
         return self._p("tiles")
 
     def image(self, tile: Tile) -> str:
-        """RGB uint8 PNG, tile_size px."""
+        """The fetched tile, tile_size px: PNG, or the source's own JPEG/WebP bytes
+        when they needed no change (decode by content, take RGB)."""
         return self._p("tiles", str(tile.z), str(tile.x), f"{tile.y}.png")
 
     @property

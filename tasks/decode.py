@@ -48,15 +48,6 @@ def sniff_format(data: bytes) -> Format | None:
     return None
 
 
-def is_rgb8_png(data: bytes, size: int) -> bool:
-    """True when ``data`` is already the stored form: an 8-bit RGB PNG of ``size`` px
-    (then it is kept byte for byte instead of being re-encoded)."""
-    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return False
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return width == height == size and (data[24], data[25]) == _PNG_RGB8
-
-
 def decode_tile(data: bytes) -> Decoded:
     """Decode JPEG/PNG/WebP bytes to 8-bit RGB plus a validity mask from alpha."""
     fmt = sniff_format(data)

@@ -1,0 +1,234 @@
+"""Streams packed shards into training batches.
+
+Train: every worker resamples shards with its own seed (so any number of
+workers works with any number of shards), mixes samples in a shuffle buffer,
+augments image and mask jointly with albumentations and batches; the epoch is a
+fixed number of batches (``.with_epoch``), independent of the dataset size.
+Val: every val sample once per epoch, in order, without augmentation.
+
+Corrupt samples are skipped and counted: each batch carries how many samples
+its worker skipped since its previous batch, and the LightningModule logs the
+sum (``train/skipped_samples``, ``val/skipped_samples``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from mapgap import storage
+from mapgap.tasks.shards import (
+    IGNORE,
+    CorruptSampleError,
+    decode_sample,
+    register_gopen_schemes,
+    trained_classes,
+)
+
+log = logging.getLogger("mapgap.data")
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Stop instead of spinning forever on a shard set that yields nothing decodable.
+MAX_BAD_BEFORE_GOOD = 64
+
+
+class ShardSetError(ValueError):
+    """An unusable list of shards (empty, missing files, nothing decodable)."""
+
+
+def augmentations(size: int, augment: bool, seed: int) -> A.Compose:
+    """Joint image+mask augmentation; the mask is resampled nearest-neighbour and
+    padded with the ignore value, never interpolated."""
+    crop = A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0), ratio=(0.8, 1.25))
+    if not augment:
+        return A.Compose([A.RandomCrop(size, size)], seed=seed)
+    return A.Compose([
+        crop,
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=0, p=0.3),
+        A.GaussNoise(std_range=(0.01, 0.05), p=0.2),
+    ], seed=seed)
+
+
+def class_lut(shard_classes: Sequence[str], trained: Sequence[str]) -> np.ndarray:
+    """Mask value lookup: shard class i+1 -> trained index + 1; other classes -> 0."""
+    lut = np.zeros(256, np.uint8)
+    lut[IGNORE] = IGNORE
+    for i, name in enumerate(shard_classes):
+        if name in trained:
+            lut[i + 1] = trained.index(name) + 1
+    return lut
+
+
+class SampleTransform:
+    """Raw WebDataset sample -> (image float [3,H,W] 0..1, mask int64 [H,W]).
+
+    Built lazily in each worker so every worker augments with its own seed.
+    """
+
+    def __init__(self, classes: Sequence[str], crop: int | None, augment: bool,
+                 seed: int) -> None:
+        self.classes = list(classes)
+        self.crop = crop
+        self.augment = augment
+        self.seed = seed
+        self.skipped = 0
+        self.good = 0
+        self._aug: A.Compose | None = None
+        self._luts: dict[tuple[str, ...], np.ndarray] = {}
+
+    def _augmenter(self, size: int) -> A.Compose:
+        if self._aug is None:
+            info = get_worker_info()
+            worker = info.id if info is not None else 0
+            self._aug = augmentations(size, self.augment, self.seed * 1009 + worker)
+        return self._aug
+
+    def decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        image, mask, meta = decode_sample(sample)
+        names = tuple(meta.get("classes", ()))
+        if names not in self._luts:
+            self._luts[names] = class_lut(names, self.classes)
+        return image, self._luts[names][mask]
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            image, mask = self.decode(sample)
+        except CorruptSampleError as err:
+            self.skipped += 1
+            log.warning("skipping corrupt sample: %s", err)
+            if self.good == 0 and self.skipped >= MAX_BAD_BEFORE_GOOD:
+                raise ShardSetError(f"the first {self.skipped} samples were all corrupt "
+                                    f"(last: {err})") from None
+            return None
+        self.good += 1
+        if self.crop is not None or self.augment:
+            out = self._augmenter(self.crop or image.shape[0])(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return to_tensors(image, mask)
+
+    def collate(self, samples: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+        images = torch.stack([s[0] for s in samples])
+        masks = torch.stack([s[1] for s in samples])
+        skipped, self.skipped = self.skipped, 0
+        return images, masks, torch.tensor(skipped)
+
+
+def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
+    return x, torch.from_numpy(np.ascontiguousarray(mask)).long()
+
+
+def check_shards(urls: Sequence[str], what: str) -> list[str]:
+    """Fail early and clearly instead of streaming from nothing."""
+    urls = list(urls)
+    if not urls:
+        raise ShardSetError(f"no {what} shards given (pack first, or check the manifest)")
+    missing = [u for u in urls if not storage.exists(u)]
+    if missing:
+        raise ShardSetError(f"{missing[0]}: {what} shard not found"
+                            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return urls
+
+
+def _tar_error(exn: Exception) -> bool:
+    """A truncated or unreadable shard: warn and carry on with the next one."""
+    log.warning("skipping unreadable shard data: %s", exn)
+    return True
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train/val loaders over lists of shard URIs (local paths or any fsspec URI)."""
+
+    def __init__(self, train_shards: Sequence[str], val_shards: Sequence[str],
+                 classes: Sequence[str], *, batch_size: int = 8, steps_per_epoch: int = 50,
+                 crop_size: int | None = None, num_workers: int = 0,
+                 shuffle_buffer: int = 256, augment: bool = True, seed: int = 0,
+                 preview_samples: int = 4) -> None:
+        super().__init__()
+        register_gopen_schemes()
+        self.train_shards = check_shards(train_shards, "train")
+        self.val_shards = check_shards(val_shards, "val")
+        self.classes = list(classes)
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.crop_size = crop_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.augment = augment
+        self.seed = seed
+        self.preview_samples = preview_samples
+        self.train_transform = SampleTransform(self.classes, crop_size, augment, seed)
+        self.val_transform = SampleTransform(self.classes, None, False, seed)
+
+    @classmethod
+    def from_config(cls, cfg: Any, train_shards: Sequence[str],
+                    val_shards: Sequence[str]) -> ShardDataModule:
+        t = cfg.train
+        return cls(train_shards, val_shards, trained_classes(cfg), batch_size=t.batch_size,
+                   steps_per_epoch=t.steps_per_epoch, crop_size=t.crop_size,
+                   num_workers=t.num_workers, shuffle_buffer=t.shuffle_buffer,
+                   augment=t.augment, seed=t.seed, preview_samples=t.preview_samples)
+
+    def train_dataset(self) -> wds.DataPipeline:
+        workers = max(1, self.num_workers)
+        per_worker = math.ceil(self.steps_per_epoch / workers)
+        t = self.train_transform
+        return wds.DataPipeline(
+            # deterministic=True: the shard order depends on seed + worker + epoch only.
+            wds.ResampledShards(self.train_shards, seed=self.seed, deterministic=True),
+            wds.tarfile_to_samples(handler=_tar_error),
+            wds.detshuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64),
+                           seed=self.seed),
+            wds.map(t),
+            wds.batched(self.batch_size, collation_fn=t.collate, partial=False),
+        ).with_epoch(per_worker)
+
+    def val_dataset(self) -> wds.WebDataset:
+        t = self.val_transform
+        return (
+            wds.WebDataset(self.val_shards, shardshuffle=False, nodesplitter=None,
+                           empty_check=False, handler=_tar_error)
+            .map(t)
+            .batched(self.batch_size, collation_fn=t.collate, partial=True)
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0,
+                          prefetch_factor=4 if self.num_workers else None)
+
+    def val_dataloader(self) -> DataLoader:
+        # Val shards are split between workers: no more workers than shards.
+        workers = min(self.num_workers, len(self.val_shards))
+        return DataLoader(self.val_dataset(), batch_size=None, num_workers=workers,
+                          persistent_workers=workers > 0)
+
+    def preview_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first val samples (fixed across epochs) for the preview images."""
+        if self.preview_samples == 0:
+            return None
+        images, masks = [], []
+        t = SampleTransform(self.classes, None, False, self.seed)
+        for sample in wds.WebDataset(self.val_shards, shardshuffle=False, nodesplitter=None,
+                                     workersplitter=None, empty_check=False,
+                                     handler=_tar_error).map(t):
+            if len(images) >= self.preview_samples:
+                break
+            images.append(sample[0])
+            masks.append(sample[1])
+        if not images:
+            raise ShardSetError(f"{self.val_shards[0]}: no decodable val sample")
+        return torch.stack(images), torch.stack(masks)
+

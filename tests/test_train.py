@@ -1,0 +1,275 @@
+"""Training: a tiny run logged to a real MLflow SQLite store and registered;
+resume after a failure; champion promotion; the model contract; data loading
+failure cases (empty shard set, missing shard, corrupt samples)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+from mapgap import storage, tracking
+from mapgap.layout import RunLayout
+from mapgap.models import losses
+from mapgap.models.datamodule import SampleTransform, ShardDataModule, ShardSetError
+from mapgap.models.inference import ModelSpecError, load_model
+from mapgap.models.segmentation import CheckpointError, SegmentationModel, save_checkpoint
+from mapgap.tasks.pack import manifest_digest, shard_uris
+from mapgap.tasks.shards import AtomicShardWriter, png_bytes, sample_dict
+from tests.test_pack import make_config, make_run, run_pack, synthetic_tile
+
+TINY = {"classes": ["building"], "epochs": 2, "steps_per_epoch": 10, "batch_size": 4,
+        "width": 8, "depth": 3, "crop_size": 64, "lr": 0.01, "preview_samples": 2}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A packed 4 x 4 tile run (building + road masks) shared by the tests."""
+    tmp = tmp_path_factory.mktemp("packed")
+    cfg = make_config(str(tmp / "out"), tmp, n=4, train=TINY)
+    make_run(cfg)
+    run_pack(cfg)
+    return cfg
+
+
+def shards(cfg: Any, split: str) -> list[str]:
+    return shard_uris(RunLayout(cfg.run_uri).manifest, split)
+
+
+def with_root(cfg: Any, root: Path, **train: Any) -> Any:
+    """The same packed data, another run dir for MLflow/checkpoints."""
+    data = cfg.model_dump(mode="json")
+    data["storage"]["root"] = str(root)
+    data["train"].update(train)
+    return type(cfg).model_validate(data)
+
+
+def train(cfg: Any, src: Any, **kw: Any) -> dict[str, Any]:
+    from mapgap.tasks.train import train_model
+
+    return train_model(cfg, shards(src, "train"), shards(src, "val"),
+                       data_digest=manifest_digest(storage.read_json(
+                           RunLayout(src.run_uri).manifest)), **kw)
+
+
+@pytest.mark.slow
+def test_training_is_tracked_and_registered(packed: Any, tmp_path: Path) -> None:
+    from mapgap.flows.train import train_flow
+    from mapgap.orchestration import configured
+
+    cfg = packed
+    result = configured(train_flow, cfg)(cfg)
+    uri = tracking.tracking_uri(cfg)
+    assert uri == f"sqlite:///{Path(cfg.run_uri).resolve()}/mlflow.db"
+    c = tracking.client(uri)
+    run = c.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.width"] == "8" and params["classes.0.name"] == "building"
+    assert params["pack.negative_ratio"] == "0.5" and params["zoom"] == "18"
+    for key in ("val/iou", "val/iou_building", "val/f1_building", "val/precision_building",
+                "val/recall_building", "val/loss", "train/loss"):
+        assert len(c.get_metric_history(run.info.run_id, key)) == 2, key  # once per epoch
+    assert "val/iou_road" not in run.data.metrics  # road is not trained
+    losses_per_epoch = [m.value for m in c.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses_per_epoch[1] < losses_per_epoch[0]
+    assert result["val_metrics"]["val/iou"] == max(
+        m.value for m in c.get_metric_history(run.info.run_id, "val/iou"))
+
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert "checkpoint" in artifacts and "images" in artifacts
+    images = [a.path for a in c.list_artifacts(run.info.run_id, "images")]
+    assert sum(p.endswith(".png") and "preview" in p for p in images) >= 2  # one per epoch
+
+    mv = c.get_model_version_by_alias("building", "champion")
+    assert str(mv.version) == result["version"] and result["aliases"] == ["candidate", "champion"]
+    assert float(mv.tags["val_iou"]) == pytest.approx(result["val_metrics"]["val/iou"], abs=1e-5)
+
+    # The inference contract, from the registry and from the checkpoint file.
+    for spec in ("models:/building@champion", result["checkpoint_uri"]):
+        model = load_model(spec, uri)
+        assert model.classes == ["building"] and not model.training
+        x = torch.rand(2, 3, 32, 48)
+        probs = model(x)
+        assert probs.shape == (2, 1, 32, 48) and probs.min() >= 0 and probs.max() <= 1
+    # Rerunning the flow reuses the finished training (no new run, no new version).
+    again = configured(train_flow, cfg)(cfg)
+    assert again["run_id"] == result["run_id"]
+    assert len(c.search_model_versions("name='building'")) == 1
+
+
+class FailAtEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_failure(packed: Any, tmp_path: Path) -> None:
+    cfg = with_root(packed, tmp_path / "resume", steps_per_epoch=4, preview_samples=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, packed, callbacks=[FailAtEpoch(1)])
+    c = tracking.client(tracking.tracking_uri(cfg))
+    [run] = c.search_runs([tracking.ensure_experiment(cfg)])
+    assert run.info.status == "FAILED"
+    assert len(c.get_metric_history(run.info.run_id, "val/iou")) == 1
+
+    result = train(cfg, packed)
+    assert result["resumed"] and result["run_id"] == run.info.run_id
+    history = c.get_metric_history(run.info.run_id, "val/iou")
+    assert len(history) == 2 and history[0].step < history[1].step  # epoch 1 not redone
+    assert len(c.get_metric_history(run.info.run_id, "train/loss")) == 2
+    assert c.get_run(run.info.run_id).info.status == "FINISHED"
+    assert train(cfg, packed) == result  # finished: returned, not retrained
+
+
+def test_champion_only_when_val_iou_beats_it(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    c.create_registered_model("building")
+    aliases = []
+    for iou in (0.5, 0.4, 0.6, 0.6):
+        mv = c.create_model_version("building", source=str(tmp_path))
+        aliases.append(tracking.promote(c, "building", mv.version, iou))
+    assert aliases == [["candidate", "champion"], ["candidate"], ["candidate", "champion"],
+                       ["candidate"]]
+    assert str(c.get_model_version_by_alias("building", "champion").version) == "3"
+    assert str(c.get_model_version_by_alias("building", "candidate").version) == "4"
+
+
+def test_tracking_locations(packed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = packed.model_dump(mode="json")
+    data["storage"]["root"] = "s3://bucket/prefix"
+    remote = type(packed).model_validate(data)
+    uri = tracking.tracking_uri(remote)
+    assert uri.startswith(f"sqlite:///{tmp_path / 'cache' / 'mapgap'}/t-")
+    assert tracking.artifact_location(remote) == "s3://bucket/prefix/runs/t/mlartifacts"
+    data["train"]["tracking_uri"] = "http://127.0.0.1:5000"
+    server = type(packed).model_validate(data)
+    assert tracking.tracking_uri(server) == "http://127.0.0.1:5000"
+    assert tracking.artifact_location(server) is None
+
+
+def test_shards_stream_from_s3(packed: Any, s3_bucket: str, tmp_path: Path) -> None:
+    cfg = make_config(s3_bucket + "/out", tmp_path, n=4, train=TINY)
+    make_run(cfg)
+    run_pack(cfg)
+    dm = ShardDataModule.from_config(cfg, shards(cfg, "train"), shards(cfg, "val"))
+    images, masks, skipped = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64)
+    assert int(skipped) == 0
+    assert sum(len(b[0]) for b in dm.val_dataloader()) == storage.read_json(
+        RunLayout(cfg.run_uri).manifest)["splits"]["val"]["samples"]
+
+
+def test_empty_or_missing_shards_are_clear_errors(packed: Any, tmp_path: Path) -> None:
+    with pytest.raises(ShardSetError, match="no train shards"):
+        ShardDataModule([], shards(packed, "val"), ["building"])
+    missing = str(tmp_path / "val-000000.tar")
+    with pytest.raises(ShardSetError, match=f"{missing}: val shard not found"):
+        ShardDataModule(shards(packed, "train"), [missing], ["building"])
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    image, mask = synthetic_tile(3, 3)
+    meta = {"classes": ["building", "road"]}
+    good = sample_dict("z18_0_0", _png(image), "png", png_bytes(mask), meta)
+    with AtomicShardWriter(str(tmp_path), "val", maxcount=100, maxsize=10**9) as out:
+        out.write(good)
+        out.write({**good, "__key__": "z18_0_1", "image.png": b"\x89PNG broken"})
+        out.write({**good, "__key__": "z18_0_2", "mask.png": png_bytes(mask[:128])})
+        out.write({**good, "__key__": "z18_0_3"})
+    uris = [str(tmp_path / s.name) for s in out.shards]
+    dm = ShardDataModule(uris, uris, ["building"], batch_size=2, steps_per_epoch=3,
+                         crop_size=64)
+    batches = list(dm.val_dataloader())
+    assert sum(len(b[0]) for b in batches) == 2
+    assert sum(int(b[2]) for b in batches) == 2  # skipped, and counted in the batches
+    assert len(list(dm.train_dataloader())) == 3  # the fixed epoch length still holds
+
+    with AtomicShardWriter(str(tmp_path), "bad", maxcount=100, maxsize=10**9) as out:
+        out.write({**good, "image.png": b"garbage"})
+    bad = [str(tmp_path / s.name) for s in out.shards]
+    dm = ShardDataModule(bad, bad, ["building"], batch_size=2, steps_per_epoch=3)
+    with pytest.raises(ShardSetError, match="samples were all corrupt"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_class_selection_and_joint_augmentation() -> None:
+    image, mask = synthetic_tile(5, 4)
+    image[...] = 0
+    image[mask == 1] = 255  # the image says where the buildings are
+    meta = {"classes": ["building", "road"]}
+    sample = sample_dict("z18_0_0", _png(image), "png", png_bytes(mask), meta)
+    t = SampleTransform(["building"], crop=96, augment=True, seed=1)
+    for _ in range(20):
+        x, y = t(sample)
+        assert x.shape == (3, 96, 96) and y.shape == (96, 96)
+        assert set(y.unique().tolist()) <= {0, 1, 255}  # road pixels became background
+        bright = x.mean(0)
+        if (y == 1).any() and (y == 0).any():
+            assert bright[y == 1].mean() > bright[y == 0].mean() + 0.5
+    road_only = SampleTransform(["road"], crop=None, augment=False, seed=1)
+    _, y = road_only(sample)
+    assert set(np.unique(y.numpy())) <= {0, 1, 255} and (y == 1).sum() == (mask == 2).sum()
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_losses_ignore_255_and_reward_correct_logits(name: str) -> None:
+    fn, activation = losses.loss_for(name)
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 4:10, 4:10] = 1
+    target[:, 0, :] = 255
+    channels = 1 if activation == "sigmoid" else 2
+    good = torch.full((2, channels, 16, 16), -6.0)
+    if activation == "sigmoid":
+        good[:, 0][target == 1] = 6.0
+    else:
+        good[:, 0] = 6.0
+        good[:, 0][target == 1] = -6.0
+        good[:, 1][target == 1] = 6.0
+    bad = -good
+    assert fn(good, target) < 0.1 < fn(bad, target)
+    changed = good.clone()
+    changed[:, :, 0, :] = 100.0  # only ignore pixels differ
+    assert fn(changed, target) == pytest.approx(float(fn(good, target)), abs=1e-5)
+
+
+def test_model_contract_and_checkpoint_errors(tmp_path: Path) -> None:
+    for activation in ("sigmoid", "softmax"):
+        model = SegmentationModel(["building", "road"], width=4, depth=2,
+                                  activation=activation).eval()
+        probs = model(torch.rand(1, 3, 8, 12))
+        assert probs.shape == (1, 2, 8, 12) and probs.min() >= 0 and probs.max() <= 1
+        with pytest.raises(ValueError, match="multiples of 4"):
+            model(torch.rand(1, 3, 10, 12))
+        path = str(tmp_path / f"{activation}.pt")
+        save_checkpoint(model, path)
+        loaded = load_model(path)
+        x = torch.rand(1, 3, 16, 16)
+        assert torch.equal(loaded(x), model(x)) and loaded.classes == ["building", "road"]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: cannot read checkpoint"):
+        load_model(str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt: not a mapgap model checkpoint"):
+        load_model(str(tmp_path / "other.pt"))
+    with pytest.raises(ModelSpecError, match="no such checkpoint"):
+        load_model(str(tmp_path / "absent.pt"))
+    with pytest.raises(ModelSpecError, match="not found in the registry"):
+        load_model("models:/nothing@champion", f"sqlite:///{tmp_path / 'm.db'}")
