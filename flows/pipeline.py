@@ -9,12 +9,16 @@ downstream tasks whose inputs changed then recompute on their own.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
-from mapgap.conf.schema import PipelineConfig
 from prefect import flow
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
+from mapgap import storage
+from mapgap.artifacts import markdown_table, publish_link, publish_markdown, publish_table
+from mapgap.conf.schema import PipelineConfig
+from mapgap.layout import RunLayout
 from mapgap.orchestration import configured
 from mapgap.progress import get_logger
 
@@ -48,4 +52,24 @@ def pipeline_flow(
         log.info("stage %s%s", stage, " (refresh)" if stage in refresh else "")
         with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: stage in refresh}):
             summary[stage] = configured(stage_flow(stage), cfg)(cfg)
+    publish_run_artifacts(cfg, summary)
     return summary
+
+
+def publish_run_artifacts(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
+    """What a person checks in the Prefect UI: counts per stage, where the
+    outputs are, the fetch failures, a link to the review map."""
+    layout = RunLayout(cfg.run_uri)
+    lines = [f"# mapgap run `{cfg.name}`", "", f"Run dir: `{cfg.run_uri}`", ""]
+    for stage, result in summary.items():
+        flat = {k: v for k, v in (result or {}).items() if isinstance(v, int | float | str)}
+        lines += [f"## {stage}", "", markdown_table([flat]) if flat else "_no summary_", ""]
+    publish_markdown(f"{cfg.name}-summary", "\n".join(lines), "Counts per stage and outputs")
+    if storage.exists(layout.fetch_report):
+        report = storage.read_json(layout.fetch_report)
+        failed = report.get("failures", []) + report.get("missing", [])
+        publish_table(f"{cfg.name}-fetch-failures", failed, "Tiles that could not be fetched")
+    review = layout.output("review.html")
+    if storage.exists(review):
+        link = review if storage.is_remote(review) else Path(review).as_uri()
+        publish_link(f"{cfg.name}-review", link, "review.html", "Map for mappers to review")

@@ -48,3 +48,25 @@ def test_rerun_after_failure_skips_finished_tasks(tmp_path: Path) -> None:
 def test_code_version_is_stable_hex() -> None:
     assert code_version() == code_version()
     assert len(code_version()) == 16 and int(code_version(), 16) >= 0
+
+
+def test_run_artifacts_show_in_prefect(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from mapgap.flows.pipeline import publish_run_artifacts
+    from mapgap.layout import RunLayout
+    from tests.helpers_inference import make_config
+
+    cfg = make_config(tmp_path)
+    layout = RunLayout(cfg.run_uri)
+    storage.write_json(layout.fetch_report, {"failures": [{"tile": "z18_1_2", "reason": "HTTP 500"}],
+                                             "missing": []})
+    storage.write_text(layout.output("review.html"), "<html></html>")
+    flow(lambda: publish_run_artifacts(cfg, {"fetch": {"fetched": 3, "failed": 1}}),
+         name="artifacts")()
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts() if a.key and a.key.startswith("t-")}
+    assert set(arts) == {"t-summary", "t-fetch-failures", "t-review"}
+    assert "| fetched | failed |" in arts["t-summary"].data
+    assert "z18_1_2" in str(arts["t-fetch-failures"].data)
+    assert arts["t-review"].data.startswith("[review.html](file://")
