@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mapgap.conf.schema import load_config
-from mapgap.flows.pipeline import pipeline_flow
 from prefect import flow
 
+from mapgap.conf.schema import load_config
+from mapgap.flows.pipeline import pipeline_flow
 from mapgap.orchestration import configured
 
 

@@ -6,6 +6,8 @@ augments image and mask jointly with albumentations and batches; the epoch is a
 fixed number of batches (``.with_epoch``), independent of the dataset size.
 Val: every val sample once per epoch, in order, without augmentation.
 
+Batches are (images uint8 [B,3,H,W], masks uint8 [B,H,W], skipped count); the
+LightningModule turns them into model inputs after the transfer to the device.
 Corrupt samples are skipped and counted: each batch carries how many samples
 its worker skipped since its previous batch, and the LightningModule logs the
 sum (``train/skipped_samples``, ``val/skipped_samples``).
@@ -72,7 +74,7 @@ def class_lut(shard_classes: Sequence[str], trained: Sequence[str]) -> np.ndarra
 
 
 class SampleTransform:
-    """Raw WebDataset sample -> (image float [3,H,W] 0..1, mask int64 [H,W]).
+    """Raw WebDataset sample -> (image uint8 [3,H,W], mask uint8 [H,W]).
 
     Built lazily in each worker so every worker augments with its own seed.
     """
@@ -126,8 +128,10 @@ class SampleTransform:
 
 
 def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
-    return x, torch.from_numpy(np.ascontiguousarray(mask)).long()
+    """uint8 [3,H,W] and uint8 [H,W]: a quarter of the bytes of float32 to pass from
+    the workers; the LightningModule converts whole batches after the transfer."""
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return x, torch.from_numpy(np.ascontiguousarray(mask))
 
 
 def check_shards(urls: Sequence[str], what: str) -> list[str]:

@@ -31,6 +31,11 @@ PALETTE = np.array([[0, 0, 0], [255, 40, 40], [40, 120, 255], [255, 200, 0], [0,
                     [200, 60, 255], [255, 120, 0], [0, 230, 230]], np.uint8)
 
 
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB batch -> the model's float input in 0..1 (one vectorised op per batch)."""
+    return images.float().div_(255)
+
+
 def labels_from_logits(logits: torch.Tensor, activation: str,
                        threshold: float = 0.5) -> torch.Tensor:
     """[B,C(+1),H,W] logits -> [B,H,W] label map (0 background, c+1 class c)."""
@@ -82,6 +87,10 @@ class SegmentationModule(L.LightningModule):
         })
         self.preview: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, masks, skipped = batch
+        return model_input(images), masks.long(), skipped
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, masks, skipped = batch
         loss = self.loss_fn(self.model.logits(images), masks)
@@ -115,7 +124,8 @@ class SegmentationModule(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if self.preview is None or not hasattr(experiment, "log_image"):
             return
-        images, labels = (t.to(self.device) for t in self.preview)
+        images, labels = self.preview
+        images, labels = model_input(images.to(self.device)), labels.to(self.device).long()
         with torch.no_grad():
             preds = labels_from_logits(self.model.logits(images), self.model.activation)
         experiment.log_image(self.logger.run_id, preview_grid(images, labels, preds),

@@ -59,8 +59,8 @@ def test_run_artifacts_show_in_prefect(tmp_path: Path) -> None:
 
     cfg = make_config(tmp_path)
     layout = RunLayout(cfg.run_uri)
-    storage.write_json(layout.fetch_report, {"failures": [{"tile": "z18_1_2", "reason": "HTTP 500"}],
-                                             "missing": []})
+    failure = {"tile": "z18_1_2", "reason": "HTTP 500"}
+    storage.write_json(layout.fetch_report, {"failures": [failure], "missing": []})
     storage.write_text(layout.output("review.html"), "<html></html>")
     flow(lambda: publish_run_artifacts(cfg, {"fetch": {"fetched": 3, "failed": 1}}),
          name="artifacts")()

@@ -220,8 +220,9 @@ def test_class_selection_and_joint_augmentation() -> None:
     for _ in range(20):
         x, y = t(sample)
         assert x.shape == (3, 96, 96) and y.shape == (96, 96)
+        assert x.dtype == y.dtype == torch.uint8
         assert set(y.unique().tolist()) <= {0, 1, 255}  # road pixels became background
-        bright = x.mean(0)
+        bright = x.float().mean(0) / 255
         if (y == 1).any() and (y == 0).any():
             assert bright[y == 1].mean() > bright[y == 0].mean() + 0.5
     road_only = SampleTransform(["road"], crop=None, augment=False, seed=1)
