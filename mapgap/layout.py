@@ -83,6 +83,11 @@ class RunLayout:
     def mining_round(self, k: int) -> str:
         return self._p("mining", f"round-{k:02d}")
 
+    @property
+    def mining_pool(self) -> str:
+        """Mined and held-back tiles of the hard-negative mining pool."""
+        return self._p("mining", "pool.json")
+
     # --- inference / outputs ---
     @property
     def probabilities(self) -> str:

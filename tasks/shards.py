@@ -23,6 +23,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -107,6 +108,15 @@ def _where(sample: dict[str, Any]) -> str:
     return f"{url}: sample {sample.get('__key__')}" if url else f"sample {sample.get('__key__')}"
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """PNG/WebP/JPEG bytes -> RGB uint8 [H,W,3]. OpenCV decodes about a third faster
+    than PIL, and decoding is most of a training loader's work."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("not a decodable PNG, WebP or JPEG image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Raw sample -> (RGB uint8 [H,W,3], mask uint8 [H,W], meta). Raises
     CorruptSampleError for missing parts, undecodable bytes or mismatched sizes."""
@@ -117,7 +127,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[
     if missing:
         raise CorruptSampleError(f"{where}: missing {', '.join(missing)}")
     try:
-        image = np.asarray(Image.open(io.BytesIO(sample[image_key])).convert("RGB"))
+        image = decode_rgb(sample[image_key])
         mask = Image.open(io.BytesIO(sample[MASK_KEY]))
         if mask.mode not in ("L", "P"):
             raise CorruptSampleError(f"{where}: mask mode is {mask.mode}, expected 8-bit")

@@ -21,7 +21,7 @@ from mapgap.tasks.shards import png_bytes
 from tests.conftest import REPO, shared_path
 
 TRAIN = {"epochs": 8, "steps_per_epoch": 25, "batch_size": 8, "crop_size": 128, "width": 16,
-         "depth": 4, "lr": 0.003, "loss": "bce_dice", "num_workers": 1, "preview_samples": 3}
+         "depth": 4, "lr": 0.003, "loss": "ce_lovasz", "num_workers": 1, "preview_samples": 3}
 
 
 def kampala_run(data: Path, root: Path) -> object:
