@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from shapely.geometry import box, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import unary_union
+
 from mapgap.conf.base import Strict, resolve_path
 from mapgap.conf.imagery import ImageryConfig
 from mapgap.conf.inference import DedupConfig, InferenceConfig
 from mapgap.conf.labels import ClassSpec, LabelsConfig
 from mapgap.conf.mining import MiningConfig
 from mapgap.conf.training import PackConfig, TrainConfig
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from shapely.geometry import box, shape
-from shapely.geometry.base import BaseGeometry
-from shapely.ops import unary_union
 
 MAX_LAT = 85.0511287798  # web-mercator limit
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from mapgap.conf import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
