@@ -89,13 +89,16 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--cache-mb", type=int, default=512,
+                    help="decoded-sample cache per loader process (train.decode_cache_mb)")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="mapgap-bench-") as tmp:
         urls = write_shards(tmp, 96)
         dm = ShardDataModule(urls, urls, CLASSES, batch_size=args.batch_size,
                              steps_per_epoch=args.steps + 1, crop_size=args.crop,
-                             num_workers=args.workers, shuffle_buffer=64)
+                             num_workers=args.workers, shuffle_buffer=64,
+                             decode_cache_mb=args.cache_mb)
         loader = dm.train_dataloader()
         # The very batches the loader produces, copied out of the workers' shared memory.
         memory = [tuple(t.clone() for t in batch) for batch in loader]
@@ -111,7 +114,8 @@ def main() -> None:
     ratio = statistics.median(ld / mem for ld, mem in zip(rates["loader"], rates["memory"],
                                                            strict=True))
     print(f"batch {args.batch_size} x {args.crop}px, U-Net width {args.width} depth "
-          f"{args.depth}, {args.workers} loader worker(s), {torch.get_num_threads()} torch "
+          f"{args.depth}, {args.workers} loader worker(s), decode cache {args.cache_mb} MB, "
+          f"{torch.get_num_threads()} torch "
           f"threads; median steps/s: memory {statistics.median(rates['memory']):.3f}, "
           f"loader {statistics.median(rates['loader']):.3f}")
     print(f"loader_vs_memory={ratio:.3f}")

@@ -44,6 +44,10 @@ class TrainConfig(Strict):
     # Random training crops (px, multiple of 2**depth); None = whole tiles.
     crop_size: int | None = Field(default=None, ge=16)
     num_workers: int = Field(default=0, ge=0)
+    # Decoded samples kept per loader process (each train and val worker, or the
+    # main process with num_workers 0; ~0.25 MB per 256 px sample): a data set that
+    # fits is decoded once, not every epoch. 0 = off.
+    decode_cache_mb: int = Field(default=256, ge=0)
     shuffle_buffer: int = Field(default=256, ge=1)
     augment: bool = True
     # Validation batches per epoch; None = the whole val split.

@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, get_worker_info
 
 from mapgap import storage
@@ -35,6 +36,7 @@ from mapgap.tasks.shards import (
     register_gopen_schemes,
     trained_classes,
 )
+from mapgap.workers import worker_context
 
 log = logging.getLogger("mapgap.data")
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -73,6 +75,37 @@ def class_lut(shard_classes: Sequence[str], trained: Sequence[str]) -> np.ndarra
     return lut
 
 
+class DecodedCache:
+    """Decoded (image, mask) pairs by (shard URL, sample key), up to ``limit_mb``.
+
+    Decoding a PNG costs more per sample than a small U-Net's training step on a
+    CPU, and every epoch reads the same samples again, so a data set that fits is
+    decoded once per loader process. Once full it keeps what it has instead of
+    evicting: val re-reads in a fixed order and train resamples at random, and for
+    both an LRU that is too small would only evict what is about to be read.
+    Arrays are read-only: augmentations must (and do) return new arrays.
+    """
+
+    def __init__(self, limit_mb: int) -> None:
+        self.limit = limit_mb << 20
+        self.size = 0
+        self.hits = 0
+        self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray] | None:
+        item = self._items.get(key)
+        self.hits += item is not None
+        return item
+
+    def put(self, key: tuple[str, str], image: np.ndarray, mask: np.ndarray) -> None:
+        nbytes = image.nbytes + mask.nbytes
+        if self.size + nbytes > self.limit:
+            return
+        image.flags.writeable = mask.flags.writeable = False
+        self._items[key] = (image, mask)
+        self.size += nbytes
+
+
 class SampleTransform:
     """Raw WebDataset sample -> (image uint8 [3,H,W], mask uint8 [H,W]).
 
@@ -80,13 +113,14 @@ class SampleTransform:
     """
 
     def __init__(self, classes: Sequence[str], crop: int | None, augment: bool,
-                 seed: int) -> None:
+                 seed: int, cache_mb: int = 0) -> None:
         self.classes = list(classes)
         self.crop = crop
         self.augment = augment
         self.seed = seed
         self.skipped = 0
         self.good = 0
+        self.cache = DecodedCache(cache_mb)
         self._aug: A.Compose | None = None
         self._luts: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -98,11 +132,17 @@ class SampleTransform:
         return self._aug
 
     def decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        key = (sample.get("__url__", ""), sample.get("__key__", ""))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
         image, mask, meta = decode_sample(sample)
         names = tuple(meta.get("classes", ()))
         if names not in self._luts:
             self._luts[names] = class_lut(names, self.classes)
-        return image, self._luts[names][mask]
+        mask = self._luts[names][mask]
+        self.cache.put(key, image, mask)
+        return image, mask
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
@@ -130,8 +170,8 @@ class SampleTransform:
 def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [3,H,W] and uint8 [H,W]: a quarter of the bytes of float32 to pass from
     the workers; the LightningModule converts whole batches after the transfer."""
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return x, torch.from_numpy(np.ascontiguousarray(mask))
+    x = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
+    return x, torch.from_numpy(np.array(mask, order="C"))
 
 
 def check_shards(urls: Sequence[str], what: str) -> list[str]:
@@ -144,6 +184,23 @@ def check_shards(urls: Sequence[str], what: str) -> list[str]:
         raise ShardSetError(f"{missing[0]}: {what} shard not found"
                             + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     return urls
+
+
+def _worker_init(worker_id: int) -> None:
+    """Lightning's per-worker seeding (it skips loaders with their own init
+    function), and the s3:// opener, which a worker may not have inherited."""
+    pl_worker_init_function(worker_id)
+    register_gopen_schemes()
+
+
+def loader(dataset: Any, workers: int) -> DataLoader:
+    """Batches come pre-collated from the dataset; workers start from a fork server
+    (see :mod:`mapgap.workers`) and persist across epochs."""
+    if not workers:
+        return DataLoader(dataset, batch_size=None)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True,
+                      prefetch_factor=4, multiprocessing_context=worker_context(__name__),
+                      worker_init_fn=_worker_init)
 
 
 def _tar_error(exn: Exception) -> bool:
@@ -159,7 +216,7 @@ class ShardDataModule(L.LightningDataModule):
                  classes: Sequence[str], *, batch_size: int = 8, steps_per_epoch: int = 50,
                  crop_size: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 256, augment: bool = True, seed: int = 0,
-                 preview_samples: int = 4) -> None:
+                 preview_samples: int = 4, decode_cache_mb: int = 0) -> None:
         super().__init__()
         register_gopen_schemes()
         self.train_shards = check_shards(train_shards, "train")
@@ -173,8 +230,9 @@ class ShardDataModule(L.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.preview_samples = preview_samples
-        self.train_transform = SampleTransform(self.classes, crop_size, augment, seed)
-        self.val_transform = SampleTransform(self.classes, None, False, seed)
+        self.train_transform = SampleTransform(self.classes, crop_size, augment, seed,
+                                               decode_cache_mb)
+        self.val_transform = SampleTransform(self.classes, None, False, seed, decode_cache_mb)
 
     @classmethod
     def from_config(cls, cfg: Any, train_shards: Sequence[str],
@@ -183,7 +241,8 @@ class ShardDataModule(L.LightningDataModule):
         return cls(train_shards, val_shards, trained_classes(cfg), batch_size=t.batch_size,
                    steps_per_epoch=t.steps_per_epoch, crop_size=t.crop_size,
                    num_workers=t.num_workers, shuffle_buffer=t.shuffle_buffer,
-                   augment=t.augment, seed=t.seed, preview_samples=t.preview_samples)
+                   augment=t.augment, seed=t.seed, preview_samples=t.preview_samples,
+                   decode_cache_mb=t.decode_cache_mb)
 
     def train_dataset(self) -> wds.DataPipeline:
         workers = max(1, self.num_workers)
@@ -209,15 +268,11 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
-                          prefetch_factor=4 if self.num_workers else None)
+        return loader(self.train_dataset(), self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         # Val shards are split between workers: no more workers than shards.
-        workers = min(self.num_workers, len(self.val_shards))
-        return DataLoader(self.val_dataset(), batch_size=None, num_workers=workers,
-                          persistent_workers=workers > 0)
+        return loader(self.val_dataset(), min(self.num_workers, len(self.val_shards)))
 
     def preview_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first val samples (fixed across epochs) for the preview images."""

@@ -15,6 +15,8 @@ import pytest
 _PREFECT_HOME = tempfile.mkdtemp(prefix="mapgap-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.pop("PREFECT_API_URL", None)
+# Local state of S3 runs (their MLflow database) must not outlive the session either.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mapgap-cache-")
 # INFO lines logged at interpreter exit would hit pytest's closed capture streams.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -34,12 +36,14 @@ def shared_path(relative: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def s3_server() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 with credentials in the environment.
 
     Yields the endpoint URL. Storage code finds it through AWS_ENDPOINT_URL,
-    exactly as it would find a real S3-compatible endpoint.
+    exactly as it would find a real S3-compatible endpoint. Started before any
+    test: DataLoader workers fork from a server process that keeps the
+    environment it started with, which must already name this endpoint.
     """
     from moto.server import ThreadedMotoServer
 

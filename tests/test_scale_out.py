@@ -29,8 +29,10 @@ def run_predict(tmp_path: Path, runner: dict) -> dict[str, bytes]:
 
     ckpt = random_checkpoint(tmp_path / "model.pt")
     cfg = make_config(tmp_path, cols=3, rows=2, runner=runner,
+                      # Same intra-op threads on both engines (Dask workers default to
+                      # 1): float sums in another order may round a probability otherwise.
                       inference={"model": ckpt, "tiles_per_task": 2, "loader_workers": 0,
-                                 "threshold": 0.5, "min_area_m2": 0})
+                                 "threads": 1, "threshold": 0.5, "min_area_m2": 0})
     rng = np.random.default_rng(7)
     mosaic = rng.integers(0, 255, (2 * SIZE, 3 * SIZE, 3), dtype=np.uint8)
     mosaic[100:300, 200:600] = 250  # a bright block across tile borders

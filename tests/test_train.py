@@ -17,7 +17,7 @@ from PIL import Image
 from mapgap import storage, tracking
 from mapgap.layout import RunLayout
 from mapgap.models import losses
-from mapgap.models.datamodule import SampleTransform, ShardDataModule, ShardSetError
+from mapgap.models.datamodule import DecodedCache, SampleTransform, ShardDataModule, ShardSetError
 from mapgap.models.inference import ModelSpecError, load_model
 from mapgap.models.segmentation import CheckpointError, SegmentationModel, save_checkpoint
 from mapgap.tasks.pack import manifest_digest, shard_uris
@@ -159,8 +159,10 @@ def test_tracking_locations(packed: Any, tmp_path: Path, monkeypatch: pytest.Mon
     assert tracking.artifact_location(server) is None
 
 
+@pytest.mark.slow
 def test_shards_stream_from_s3(packed: Any, s3_bucket: str, tmp_path: Path) -> None:
-    cfg = make_config(s3_bucket + "/out", tmp_path, n=4, train=TINY)
+    """Through a (spawned) loader worker, which must find the s3 scheme itself."""
+    cfg = make_config(s3_bucket + "/out", tmp_path, n=4, train={**TINY, "num_workers": 1})
     make_run(cfg)
     run_pack(cfg)
     dm = ShardDataModule.from_config(cfg, shards(cfg, "train"), shards(cfg, "val"))
@@ -216,8 +218,8 @@ def test_class_selection_and_joint_augmentation() -> None:
     image[mask == 1] = 255  # the image says where the buildings are
     meta = {"classes": ["building", "road"]}
     sample = sample_dict("z18_0_0", _png(image), "png", png_bytes(mask), meta)
-    t = SampleTransform(["building"], crop=96, augment=True, seed=1)
-    for _ in range(20):
+    t = SampleTransform(["building"], crop=96, augment=True, seed=1, cache_mb=16)
+    for _ in range(20):  # decoded once, then from the (read-only) cache
         x, y = t(sample)
         assert x.shape == (3, 96, 96) and y.shape == (96, 96)
         assert x.dtype == y.dtype == torch.uint8
@@ -225,6 +227,9 @@ def test_class_selection_and_joint_augmentation() -> None:
         bright = x.float().mean(0) / 255
         if (y == 1).any() and (y == 0).any():
             assert bright[y == 1].mean() > bright[y == 0].mean() + 0.5
+    assert t.cache.hits == 19
+    cached = t.decode(sample)
+    assert not cached[0].flags.writeable and (cached[0] == image).all()
     road_only = SampleTransform(["road"], crop=None, augment=False, seed=1)
     _, y = road_only(sample)
     assert set(np.unique(y.numpy())) <= {0, 1, 255} and (y == 1).sum() == (mask == 2).sum()
@@ -274,3 +279,15 @@ def test_model_contract_and_checkpoint_errors(tmp_path: Path) -> None:
         load_model(str(tmp_path / "absent.pt"))
     with pytest.raises(ModelSpecError, match="not found in the registry"):
         load_model("models:/nothing@champion", f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def test_decoded_cache_keeps_what_fits() -> None:
+    cache = DecodedCache(limit_mb=1)
+    image, mask = np.zeros((256, 256, 3), np.uint8), np.zeros((256, 256), np.uint8)
+    for i in range(5):  # 256 KiB each: the first 4 fit, the 5th is not kept
+        cache.put(("u", f"k{i}"), image.copy(), mask.copy())
+    assert cache.size <= 1 << 20
+    assert cache.get(("u", "k0")) is not None and cache.get(("u", "k3")) is not None
+    assert cache.get(("u", "k4")) is None and cache.hits == 2
+    cache.put(("u", "x"), image, mask)
+    assert image.flags.writeable  # not cached (and not frozen) when it does not fit
