@@ -50,6 +50,7 @@ def plain(cfg) -> None:
     from mapgap.tasks.predict import (
         PredictSettings,
         blocked_order,
+        imagery_digest,
         load_model,
         predict_batch,
         resolve_model,
@@ -60,16 +61,18 @@ def plain(cfg) -> None:
 
     layout = RunLayout(cfg.run_uri)
     ref, settings = resolve_model(cfg), PredictSettings.from_config(cfg)
-    tiles, _ = tiles_to_predict(cfg, layout)
+    versions, _ = tiles_to_predict(cfg, layout)
     classes = list(load_model(ref).classes)
     write_meta(layout, ref, classes, settings)
     n = cfg.inference.tiles_per_task
-    batches = [[tile_key(t) for t in b] for b in iter_batches(blocked_order(tiles, n), n)]
-    for keys in batches:
-        predict_batch.fn(cfg.run_uri, keys, ref, settings)
+    batches = list(iter_batches(blocked_order(list(versions), n), n))
+    digests = [imagery_digest(b, versions) for b in batches]
+    batches = [[tile_key(t) for t in b] for b in batches]
+    for keys, digest in zip(batches, digests, strict=True):
+        predict_batch.fn(cfg.run_uri, keys, ref, settings, digest)
     vector = VectorSettings.from_config(cfg, classes)
-    pieces = [vectorize_batch.fn(cfg.run_uri, keys, vector, f"{ref.key}|{settings}")
-              for keys in batches]
+    pieces = [vectorize_batch.fn(cfg.run_uri, keys, vector, f"{ref.key}|{settings}|{digest}")
+              for keys, digest in zip(batches, digests, strict=True)]
     merge_batches.fn(cfg.run_uri, pieces, vector)
 
 

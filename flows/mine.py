@@ -28,6 +28,7 @@ from mapgap.tasks.mining import (
     trained_base,
 )
 from mapgap.tasks.mining_pool import pool_task
+from mapgap.tasks.predict import imagery_digest, stored_tiles
 
 TABLE_COLUMNS = ("round", "fp_pixels_per_tile", "fp_rate", "fp_objects", "mistakes_found",
                  "negatives_added", "val_iou", "val_precision", "wall_time_s", "cached",
@@ -37,10 +38,11 @@ TABLE_COLUMNS = ("round", "fp_pixels_per_tile", "fp_rate", "fp_objects", "mistak
 def pool_inputs_digest(cfg: PipelineConfig) -> str:
     """Content of what decides the pool: new masks, imagery or areas -> new pool."""
     layout = RunLayout(cfg.run_uri)
-    uris = [layout.mask_stats, layout.fetch_report]
+    uris = [layout.mask_stats]
     if isinstance(cfg.mining.complete_areas, str):
         uris.append(cfg.mining.complete_areas)
-    return storage.fingerprint(uris)
+    versions = stored_tiles(layout.images, cfg.zoom)
+    return storage.fingerprint(uris) + imagery_digest(list(versions), versions)
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def mine_flow(cfg: PipelineConfig) -> dict[str, Any]:
                 stop = reason
                 break
         final = choose_final(history, m.max_iou_drop)
-        aliases = promote_final(cfg, final, parent)
+        aliases = promote_final(cfg, final, base, parent)
         rows = [_row(r) for r in history]
         publish_table("mining-rounds", rows, description=f"Hard-negative mining: {stop}")
         c.set_terminated(parent, "FINISHED")

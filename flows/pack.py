@@ -27,14 +27,16 @@ from mapgap.tasks.pack import (
     scan_task,
     write_manifest,
 )
+from mapgap.tasks.predict import imagery_digest, stored_tiles
 
 
-def inputs_digest(layout: RunLayout) -> str:
-    """Digest of the fetch report and mask stats: new imagery or masks -> repack."""
-    h = hashlib.sha256()
-    for uri in (layout.fetch_report, layout.mask_stats):
-        if storage.exists(uri):
-            h.update(storage.read_bytes(uri))
+def inputs_digest(layout: RunLayout, zoom: int) -> str:
+    """Digest of the stored imagery and the mask stats: new imagery or masks ->
+    repack; a rerun that fetched nothing new keeps the shards."""
+    versions = stored_tiles(layout.images, zoom)
+    h = hashlib.sha256(imagery_digest(list(versions), versions).encode())
+    if storage.exists(layout.mask_stats):
+        h.update(storage.read_bytes(layout.mask_stats))
     return h.hexdigest()[:16]
 
 
@@ -47,7 +49,7 @@ def pack_flow(cfg: PipelineConfig) -> dict[str, Any]:
         raise PackError(f"{layout.mask_stats}: no masks (run `mapgap harvest` first)")
     features = {k: v.get("features", {}) for k, v in storage.read_json(layout.mask_stats).items()}
     tiles = grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom)
-    spec = PackSpec.from_config(cfg, inputs_digest(layout))
+    spec = PackSpec.from_config(cfg, inputs_digest(layout, cfg.zoom))
     scans = [scan_task.submit(spec, batch)
              for batch in grid.iter_batches(tiles, spec.tiles_per_task)]
     scanned = [f.result() for f in scans]

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.futures import PrefectFuture, as_completed
 
+from mapgap.artifacts import Progress
 from mapgap.conf.schema import PipelineConfig
 from mapgap.grid import iter_batches, tile_key
 from mapgap.layout import RunLayout
@@ -18,6 +20,7 @@ from mapgap.progress import get_logger
 from mapgap.tasks.predict import (
     PredictSettings,
     blocked_order,
+    imagery_digest,
     load_model,
     predict_batch,
     resolve_model,
@@ -27,6 +30,19 @@ from mapgap.tasks.predict import (
 from mapgap.tasks.vectorize import VectorSettings, merge_batches, vectorize_batch
 
 
+def follow(futures: list[PrefectFuture], total: int, log: Any) -> int:
+    """Wait for the batches as they finish, with a log line and a progress artifact
+    in the Prefect UI (``tiles 1200/5000``); returns the number of tiles predicted."""
+    progress = Progress("predict-progress", total, f"Tiles predicted (of {total})")
+    done = 0
+    for future in as_completed(futures):
+        n = future.result()["tiles"]
+        done += n
+        progress.advance(n)
+        log.info("tiles %d/%d", done, total)
+    return done
+
+
 @flow(name="mapgap-predict", log_prints=True)
 def predict_flow(cfg: PipelineConfig) -> dict[str, Any]:
     """Imagery tiles -> probability PNGs -> predictions.geojson."""
@@ -34,19 +50,22 @@ def predict_flow(cfg: PipelineConfig) -> dict[str, Any]:
     layout = RunLayout(cfg.run_uri)
     ref = resolve_model(cfg)
     settings = PredictSettings.from_config(cfg)
-    tiles, no_imagery = tiles_to_predict(cfg, layout)
+    versions, no_imagery = tiles_to_predict(cfg, layout)
     classes = list(load_model(ref).classes)
     write_meta(layout, ref, classes, settings)
     n = cfg.inference.tiles_per_task
-    batches = [[tile_key(t) for t in b] for b in iter_batches(blocked_order(tiles, n), n)]
-    log.info("predicting %d tiles in %d batches with %s (%s)", len(tiles), len(batches),
+    batches = list(iter_batches(blocked_order(list(versions), n), n))
+    keys = [[tile_key(t) for t in b] for b in batches]
+    imagery = [imagery_digest(b, versions) for b in batches]
+    log.info("predicting %d tiles in %d batches with %s (%s)", len(versions), len(batches),
              ref.spec, ref.key)
-    futures = [predict_batch.submit(cfg.run_uri, keys, ref, settings) for keys in batches]
-    predicted = sum(f.result()["tiles"] for f in futures)
+    futures = [predict_batch.submit(cfg.run_uri, k, ref, settings, digest)
+               for k, digest in zip(keys, imagery, strict=True)]
+    predicted = follow(futures, len(versions), log)
 
     vector = VectorSettings.from_config(cfg, classes)
-    version = f"{ref.key}|{settings}"
-    futures = [vectorize_batch.submit(cfg.run_uri, keys, vector, version) for keys in batches]
+    futures = [vectorize_batch.submit(cfg.run_uri, k, vector, f"{ref.key}|{settings}|{digest}")
+               for k, digest in zip(keys, imagery, strict=True)]
     polygons = merge_batches(cfg.run_uri, [f.result() for f in futures], vector)
     return {"tiles": predicted, "tiles_without_imagery": no_imagery, "batches": len(batches),
             "model": ref.spec, "model_version": ref.key, "mlflow_run_id": ref.run_id,

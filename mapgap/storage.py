@@ -151,6 +151,17 @@ def glob(pattern: str) -> list[str]:
     return found
 
 
+def glob_versions(pattern: str) -> dict[str, str]:
+    """URIs matching a glob pattern -> a token that changes when the file is
+    rewritten (S3: ETag; local: size and mtime), from one listing: cheap enough
+    to fingerprint thousands of tiles without reading them."""
+    fs, path = _fs(pattern)
+    found = fs.glob(path, detail=True)
+    prefix = pattern.split("://", 1)[0] + "://" if is_remote(pattern) else ""
+    return {prefix + p: str(info.get("ETag") or f"{info.get('size')}-{info.get('mtime')}")
+            for p, info in sorted(found.items())}
+
+
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = _fs(uri)
     if fs.exists(path):

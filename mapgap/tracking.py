@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,20 +85,25 @@ def ensure_experiment(cfg: Any) -> str:
     return c.create_experiment(name, artifact_location=artifact_location(cfg))
 
 
+_FLUENT = threading.RLock()
+
+
 @contextlib.contextmanager
 def active_tracking(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (needed by ``mlflow.pytorch.log_model``) at ``uri``
-    for a block, then restore what was set before."""
+    for a block, then restore what was set before. Its URIs are process globals:
+    one block at a time, or two tasks in threads would restore each other's."""
     import mlflow
 
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+    with _FLUENT:
+        before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before[0])
+            mlflow.set_registry_uri(before[1])
 
 
 def flat_params(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -117,27 +123,24 @@ def flat_params(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def champion_iou(c: Any, name: str) -> float | None:
-    """The champion's val IoU, or None when there is no champion yet."""
+def promote(c: Any, name: str, version: str | int, val_iou: float,
+            replaces: str | None = None) -> list[str]:
+    """Tag a new version with its val IoU, make it the candidate, and the champion
+    when it beats the current one, or when the champion is ``replaces``: the model
+    this one was derived from and chosen over (e.g. by hard-negative mining).
+    Returns the aliases it now holds."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        mv = c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    value = mv.tags.get(METRIC_TAG)
-    return float(value) if value is not None else None
-
-
-def promote(c: Any, name: str, version: str | int, val_iou: float) -> list[str]:
-    """Tag a new version with its val IoU, make it the candidate, and the champion
-    when it beats the current one. Returns the aliases it now holds."""
     version = str(version)
     c.set_model_version_tag(name, version, METRIC_TAG, f"{val_iou:.6f}")
     c.set_registered_model_alias(name, CANDIDATE, version)
     aliases = [CANDIDATE]
-    best = champion_iou(c, name)
-    if best is None or val_iou > best:
+    try:
+        champion = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    best = champion.tags.get(METRIC_TAG) if champion is not None else None
+    if best is None or val_iou > float(best) or str(champion.version) == str(replaces):
         c.set_registered_model_alias(name, CHAMPION, version)
         aliases.append(CHAMPION)
     return aliases

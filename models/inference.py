@@ -34,6 +34,7 @@ from mapgap.models.segmentation import (
     SegmentationModel,
     model_from_checkpoint,
 )
+from mapgap.tracking import active_tracking
 
 # Where the portable checkpoint sits inside a logged MLflow model.
 MODEL_FILE = "model.pt"
@@ -84,7 +85,9 @@ def _registry_file(spec: str, tracking_uri: str | None) -> bytes:
     if not uri:
         raise ModelSpecError(f"{spec}: a registry model needs a tracking URI "
                              "(pass tracking_uri or set MLFLOW_TRACKING_URI)")
-    with tempfile.TemporaryDirectory(prefix="mapgap-model-") as tmp:
+    # The registry too must be ``uri``: ``download_artifacts`` alone resolves the
+    # model name in whatever registry the process last used.
+    with tempfile.TemporaryDirectory(prefix="mapgap-model-") as tmp, active_tracking(uri):
         try:
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{spec.rstrip('/')}/{REGISTRY_PATH}", dst_path=tmp,

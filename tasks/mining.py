@@ -38,7 +38,6 @@ import numpy as np
 import shapely
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from mapgap import grid, storage, tracking
 from mapgap.conf.mining import FAIL_ROUND_ENV
@@ -71,13 +70,12 @@ from mapgap.tasks.pack import (
     shard_uris,
 )
 from mapgap.tasks.predict import (
-    ContextWindows,
     PredictSettings,
-    _init_worker,
     blocked_order,
     forward,
     read_image,
     resolve_device,
+    window_loader,
 )
 from mapgap.tasks.shards import IGNORE, trained_classes
 
@@ -138,13 +136,9 @@ def iter_probabilities(layout: RunLayout, tiles: list[Tile], model: nn.Module,
     device = resolve_device(s.device)
     model = model.to(device).eval()
     ordered = row_major(tiles)
-    workers = min(s.loader_workers, len(ordered))
-    loader = DataLoader(ContextWindows(layout, ordered, s), batch_size=s.batch_size,
-                        num_workers=workers, worker_init_fn=_init_worker,
-                        prefetch_factor=s.prefetch_batches if workers else None)
     m, size = s.window_margin, s.tile_size
     with torch.inference_mode():
-        for idx, x in loader:
+        for idx, x in window_loader(layout, ordered, s, device):
             x = x.to(device).float().div_(255)
             probs = forward(model, x, s.tta)[:, :, m:m + size, m:m + size].float().cpu().numpy()
             for i, p in zip(idx.tolist(), probs, strict=True):
@@ -453,7 +447,7 @@ def run_round(cfg: Any, k: int, pool: dict[str, Any], base: dict[str, Any],
     trained = training.train_model(
         cfg.model_copy(update={"train": tuned}), base["train_shards"] + negatives,
         base["val_shards"], data_digest=digest, init_from=previous["checkpoint"],
-        epochs=cfg.mining.finetune_epochs,
+        epochs=cfg.mining.finetune_epochs, promote=False,
         run_name=f"mine-{tracking.model_name(classes)}-round-{k:02d}",
         tags={PARENT_TAG: parent_run_id, STAGE_TAG: "mining", ROUND_TAG: str(k)})
     c = tracking.client(tracking.tracking_uri(cfg))
@@ -502,12 +496,16 @@ def choose_final(history: Sequence[dict[str, Any]], max_iou_drop: float) -> dict
     return min(ok, key=lambda r: (r["fp_rate"], r["round"]))
 
 
-def promote_final(cfg: Any, final: dict[str, Any], parent_run_id: str) -> list[str]:
-    """Candidate alias for the final model; champion only when its val IoU beats the
-    current champion's (the train stage's policy). Returns its aliases."""
+def promote_final(cfg: Any, final: dict[str, Any], base: dict[str, Any],
+                  parent_run_id: str) -> list[str]:
+    """The final model of a mining run replaces its base model: it becomes the
+    candidate, and the champion when the base model is the champion (mining chose it
+    over the base) or when its val IoU beats the current champion's. Rounds are
+    registered without aliases: only this choice is promoted. Returns its aliases."""
     c = tracking.client(tracking.tracking_uri(cfg))
     name, version = final["registered_model"], final["version"]
-    tracking.promote(c, name, version, final["val_iou"])
+    if final["round"]:
+        tracking.promote(c, name, version, final["val_iou"], replaces=base["version"])
     c.set_model_version_tag(name, version, ROUND_TAG, str(final["round"]))
     c.set_tag(parent_run_id, "mapgap.final_model", final["model_uri"])
     return sorted(c.get_model_version(name, version).aliases)

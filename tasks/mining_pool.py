@@ -170,5 +170,5 @@ def write_pool(cfg: Any, val_shards: Sequence[str]) -> dict[str, Any]:
 
 @stage_task(name="mining-pool")
 def pool_task(cfg: Any, val_shards: list[str], inputs_digest: str) -> dict[str, Any]:
-    """``inputs_digest``: mask stats, fetch report and complete areas (changed -> new pool)."""
+    """``inputs_digest``: mask stats, stored imagery and complete areas (changed -> new pool)."""
     return write_pool(cfg, val_shards)

@@ -8,15 +8,14 @@ model runs, and a writer thread encodes the PNGs: reading, forward and writing
 overlap. Memory is bounded by the batch size, the prefetch depth and a small
 LRU of decoded tiles, whatever the size of the AOI.
 
-Loader workers start from a fork server (see :func:`loader_context`), so, as with
-any spawn-style multiprocessing, a script that calls this directly needs an
-``if __name__ == "__main__":`` guard (the ``mapgap`` CLI has one).
+Loader workers start from a fork server (:mod:`mapgap.workers`): a script that
+calls this directly needs an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import multiprocessing
 import os
 import re
 from collections import deque
@@ -33,11 +32,12 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mapgap import storage
-from mapgap.grid import Tile, parse_tile_key
+from mapgap.grid import Tile, neighbours, parse_tile_key, tile_key
 from mapgap.layout import RunLayout
 from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger
 from mapgap.tasks.neighbourhood import TileCache, cache_capacity, row_major, with_margin
+from mapgap.workers import worker_context
 
 MODEL_MULTIPLE = 32  # the model contract: H and W multiples of 32
 _REGISTRY_SPEC = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -165,22 +165,38 @@ def resolve_device(name: str) -> torch.device:
 
 # --- tiles ---------------------------------------------------------------------------------
 
-def stored_tiles(directory: str, zoom: int) -> set[Tile]:
-    """Tiles with a ``<directory>/<z>/<x>/<y>.png`` file (one listing, not one request each)."""
-    found = set()
-    for uri in storage.glob(storage.join(directory, str(zoom), "*", "*.png")):
+def stored_tiles(directory: str, zoom: int) -> dict[Tile, str]:
+    """Tiles with a ``<directory>/<z>/<x>/<y>.png`` file -> its version token (see
+    ``storage.glob_versions``), from one listing, not one request each."""
+    found = {}
+    for uri, version in storage.glob_versions(
+            storage.join(directory, str(zoom), "*", "*.png")).items():
         parts = uri.replace("\\", "/").rsplit("/", 2)
-        found.add(Tile(int(parts[1]), int(parts[2].removesuffix(".png")), zoom))
+        found[Tile(int(parts[1]), int(parts[2].removesuffix(".png")), zoom)] = version
     return found
 
 
-def tiles_to_predict(cfg: Any, layout: RunLayout) -> tuple[list[Tile], int]:
-    """(AOI tiles that have imagery, number of AOI tiles without)."""
+def imagery_digest(tiles: list[Tile], versions: dict[Tile, str]) -> str:
+    """What a batch's probabilities depend on besides the model: the versions of
+    its tiles and of their neighbours (the context margin), so a re-fetched tile
+    re-predicts its batch and the batches next to it. Of all ``versions`` when
+    ``tiles`` is all of them: the stored imagery as a whole."""
+    around = {n for t in tiles for n in (t, *neighbours(t))} if len(tiles) < len(versions) \
+        else versions.keys()
+    h = hashlib.md5()
+    for t in sorted(around & versions.keys()):
+        h.update(f"{tile_key(t)}={versions[t]};".encode())
+    return h.hexdigest()
+
+
+def tiles_to_predict(cfg: Any, layout: RunLayout) -> tuple[dict[Tile, str], int]:
+    """(AOI tiles that have imagery -> their version tokens, number of AOI tiles
+    without imagery)."""
     from mapgap.grid import tiles_for_geometry
 
     aoi = tiles_for_geometry(cfg.aoi_geometry, cfg.zoom)
     have = stored_tiles(layout.images, cfg.zoom)
-    tiles = [t for t in aoi if t in have]
+    tiles = {t: have[t] for t in aoi if t in have}
     if not tiles:
         raise NoImageryError(f"{layout.images}: no imagery tile for the AOI ({len(aoi)} tiles "
                              f"at zoom {cfg.zoom}); run mapgap fetch first")
@@ -240,14 +256,16 @@ def _init_worker(_: int) -> None:
     cv2.setNumThreads(1)
 
 
-def loader_context() -> multiprocessing.context.BaseContext:
-    """Loader workers are forked from a clean server process, not from the task's
-    process: that one runs threads (Prefect, OpenCV's and OpenMP's pools) and a
-    plain fork can deadlock on a lock one of them held. The server imports this
-    module once, so each worker still starts in milliseconds."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
+def window_loader(layout: RunLayout, ordered: list[Tile], s: PredictSettings,
+                  device: torch.device) -> DataLoader:
+    """Batches of (index into ``ordered``, context window), decoded by
+    ``s.loader_workers`` processes while the model runs."""
+    workers = min(s.loader_workers, len(ordered))
+    return DataLoader(
+        ContextWindows(layout, ordered, s), batch_size=s.batch_size, num_workers=workers,
+        prefetch_factor=s.prefetch_batches if workers else None, worker_init_fn=_init_worker,
+        multiprocessing_context=worker_context(__name__) if workers else None,
+        pin_memory=device.type == "cuda")
 
 
 # --- probabilities -------------------------------------------------------------------------
@@ -305,12 +323,7 @@ def predict_tiles(layout: RunLayout, tiles: list[Tile], model: nn.Module,
     device = resolve_device(s.device)
     model = model.to(device).eval()
     ordered = row_major(tiles)
-    workers = min(s.loader_workers, len(ordered))
-    loader = DataLoader(
-        ContextWindows(layout, ordered, s), batch_size=s.batch_size, num_workers=workers,
-        prefetch_factor=s.prefetch_batches if workers else None, worker_init_fn=_init_worker,
-        multiprocessing_context=loader_context() if workers else None,
-        pin_memory=device.type == "cuda")
+    loader = window_loader(layout, ordered, s, device)
     m, size = s.window_margin, s.tile_size
     pending: deque[Future] = deque()
     written = 0
@@ -342,8 +355,9 @@ def write_meta(layout: RunLayout, ref: ModelRef, classes: list[str], s: PredictS
 
 @stage_task(name="predict-tiles")
 def predict_batch(run_uri: str, tile_keys: list[str], model: ModelRef,
-                  settings: PredictSettings) -> dict[str, int]:
-    """One cached task per batch of tiles (the model is loaded once per process)."""
+                  settings: PredictSettings, imagery: str) -> dict[str, int]:
+    """One cached task per batch of tiles (the model is loaded once per process);
+    ``imagery``: the batch's :func:`imagery_digest`, part of the cache key."""
     faulty = os.environ.get(FAULTY_TILE_ENV)
     if faulty in tile_keys:
         raise TileReadError(f"{FAULTY_TILE_ENV}={faulty}: injected failure in this tile batch")

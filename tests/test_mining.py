@@ -288,16 +288,6 @@ def withheld_footprints(scene: Any) -> list[shapely.Geometry]:
     return [shapely.geometry.shape(f["geometry"]) for f in features]
 
 
-def complete_areas(scene: Any, path: Path, buffer_m: float = 4.0) -> Path:
-    """The town minus its withheld buildings (+ a margin): where OSM is complete."""
-    metric, crs = grid.to_metric(shapely.union_all(withheld_footprints(scene)))
-    holes = grid.reproject(metric.buffer(buffer_m), crs.to_string(), grid.WGS84)
-    area = shapely.box(*scene.bbox).difference(holes)
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(area)}]}))
-    return path
-
-
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     import hashlib
 
@@ -330,11 +320,9 @@ def mined(tmp_path_factory: pytest.TempPathFactory) -> Any:
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("mining")
     scene = generate_scene(tmp / "scene", seed=0)
-    areas = complete_areas(scene, tmp / "complete.geojson")
     try:
         with TileServer(scene.tiles_dir, "{z}/{x}/{y}.png") as server:
-            overrides = deep_merge(demo_overrides(scene, server.url_template, tmp / "out"),
-                                   deep_merge(FAST, {"mining": {"complete_areas": str(areas)}}))
+            overrides = deep_merge(demo_overrides(scene, server.url_template, tmp / "out"), FAST)
             cfg = load_config(DEMO_YAML, overrides)
             configured(pipeline_flow, cfg)(cfg, stages=["harvest", "fetch", "pack", "train"])
         round_1 = Path(RunLayout(cfg.run_uri).mining_round(1))
@@ -404,7 +392,15 @@ def test_two_rounds_cut_false_positives_without_losing_val_iou(mined: Any) -> No
     from mapgap.tracking import tracking_uri
 
     final = load_model(mined.summary["final_model_uri"], tracking_uri(mined.cfg))
-    assert final.classes == ["building"] and "candidate" in mined.summary["aliases"]
+    assert final.classes == ["building"] and mined.summary["final_round"] > 0
+    # Mining chose it over the trained model (the champion): predict now uses it,
+    # and no other round holds an alias.
+    assert mined.summary["aliases"] == ["candidate", "champion"]
+    name = parent.data.tags["mapgap.base_model"].split("/")[1]
+    versions = {str(mv.version): c.get_model_version(name, mv.version).aliases
+                for mv in c.search_model_versions(f"name='{name}'")}
+    final_version = mined.summary["final_model_uri"].rsplit("/", 1)[1]
+    assert {v for v, aliases in versions.items() if aliases} == {final_version}
     table = json.loads(Artifact.get("mining-rounds").data)
     assert [row["round"] for row in table] == [0, 1, 2]
 

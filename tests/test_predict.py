@@ -126,7 +126,7 @@ def test_window_is_a_multiple_of_32_and_tta_keeps_shape(corner_building) -> None
 
 def test_tiles_listed_and_ordered_in_compact_blocks(tmp_path, corner_building) -> None:
     layout, tiles, _ = corner_building
-    assert stored_tiles(layout.images, Z) == set(tiles)
+    assert set(stored_tiles(layout.images, Z)) == set(tiles)
     grid = [Tile(x, y, 10) for x in range(8) for y in range(8)]
     first = blocked_order(grid, 16)[:16]
     assert {t.x for t in first} == {0, 1, 2, 3} and {t.y for t in first} == {0, 1, 2, 3}
@@ -237,7 +237,7 @@ def test_predict_and_vectorize_on_s3(s3_bucket) -> None:
     mosaic = np.full((SIZE, 2 * SIZE, 3), 40, np.uint8)
     mosaic[100:160, SIZE - 80:SIZE + 80] = 230
     tiles = write_mosaic(layout, mosaic)
-    assert stored_tiles(layout.images, Z) == set(tiles)
+    assert set(stored_tiles(layout.images, Z)) == set(tiles)
     # Loader workers start from a server process that may predate the moto endpoint
     # in this test session's environment: decode in-process here.
     predict_tiles(layout, tiles, BrightnessNet(),
