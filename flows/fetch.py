@@ -4,7 +4,8 @@ one merged ``tiles/fetch_report.json``.
 Tiles already stored are skipped before any task is submitted, and batches are
 cut from the stable AOI tile order, so a rerun only resubmits batches that still
 have work (failed, missing or blank tiles) and every finished batch's task is
-never run again.
+never run again. ``mapgap run CONFIG --refresh fetch`` fetches every tile again;
+the stages after it see the tiles' new versions and recompute.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
 
 from mapgap import grid, storage
 from mapgap.conf.schema import PipelineConfig
@@ -27,7 +29,9 @@ def fetch_flow(cfg: PipelineConfig) -> dict[str, Any]:
     log = get_logger()
     imagery = cfg.imagery
     tiles = grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom)
-    existing = tile_store(cfg.run_uri, imagery, cfg.tile_size).existing(tiles)
+    # Stored tiles are this stage's cached results: refreshing it fetches them again.
+    refetch = bool(PREFECT_TASKS_REFRESH_CACHE.value())
+    existing = tile_store(cfg.run_uri, imagery, cfg.tile_size, refetch).existing(tiles)
     raster = None
     if imagery.kind == "geotiff":
         raster = describe_raster_task(imagery, cfg.aoi_geometry.wkt)
@@ -36,7 +40,8 @@ def fetch_flow(cfg: PipelineConfig) -> dict[str, Any]:
         todo = [grid.tile_key(t) for t in batch if t not in existing]
         if todo:
             futures.append(
-                fetch_tiles_task.submit(cfg.run_uri, imagery, cfg.tile_size, todo, raster)
+                fetch_tiles_task.submit(cfg.run_uri, imagery, cfg.tile_size, todo, raster,
+                                        refetch)
             )
     log.info("fetch: %d tiles, %d already stored, %d batches to run",
              len(tiles), len(existing), len(futures))

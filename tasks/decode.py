@@ -1,16 +1,20 @@
-"""Tile bytes -> RGB pixels and back, trusting the bytes rather than the file name.
+"""Tile bytes -> pixels and back, trusting the bytes rather than the file name.
 
 Real tile sets lie about their formats (Kampala's OpenAerialMap ``.png`` files
 are partly JPEG), so formats are sniffed from magic bytes. Everything is done
 with OpenCV, which releases the GIL, so decoding in fetch threads overlaps.
+A :class:`Decoded` tile keeps OpenCV's own pixel layout (BGR/BGRA) and derives
+RGB and the validity mask only when asked: the blank check and the decision to
+store the source bytes as they are need neither.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -24,17 +28,108 @@ _PNG_RGB8 = (8, 2)  # IHDR bit depth, colour type "truecolour"
 _PNG_UP = 2  # PNG row filter: each byte minus the byte above it
 # Default nodata fill colours of tile servers (opaque black or white outside coverage).
 FILL_COLOURS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (255, 255, 255))
+_OPAQUE, _RGB_BITS = np.uint32(1 << 24), np.uint32(0xFFFFFF)  # in packed BGRA pixels
 
 
 class UndecodableTile(ValueError):
     """The bytes are not a complete JPEG, PNG or WebP image."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Decoded:
-    rgb: np.ndarray  # (H, W, 3) uint8
-    valid: np.ndarray | None  # (H, W) bool, False where transparent; None: all valid
+    """A decoded tile: ``pixels`` as OpenCV returns them, 8-bit, (H, W) gray,
+    (H, W, 2) gray + alpha, (H, W, 3) BGR or (H, W, 4) BGRA. :attr:`rgb` and
+    :attr:`valid` are derived on first use: a tile stored as its own bytes
+    needs neither."""
+
+    pixels: np.ndarray
     format: Format
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) uint8 RGB (alpha dropped: see :attr:`valid`)."""
+        return self._memo("rgb", self._to_rgb)
+
+    @property
+    def valid(self) -> np.ndarray | None:
+        """(H, W) bool, False where transparent; None when every pixel is opaque."""
+        return self._memo("valid", self._to_valid)
+
+    def _memo(self, name: str, compute: Callable[[], Any]) -> Any:
+        # Not functools.cached_property: on Python 3.11 it takes one lock shared
+        # by all instances, which would serialize the fetch threads.
+        cache = self.__dict__.setdefault("_cache", {})
+        if name not in cache:
+            cache[name] = compute()
+        return cache[name]
+
+    def _to_rgb(self) -> np.ndarray:
+        px = self.pixels
+        if px.ndim == 2:
+            return cv2.cvtColor(px, cv2.COLOR_GRAY2RGB)
+        if px.shape[2] == 2:
+            return cv2.cvtColor(np.ascontiguousarray(px[:, :, 0]), cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(px, cv2.COLOR_BGRA2RGB if px.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+    def _to_valid(self) -> np.ndarray | None:
+        alpha = self._alpha
+        if alpha is None or alpha.min() > 0:
+            return None
+        return alpha > 0
+
+    @property
+    def _alpha(self) -> np.ndarray | None:
+        px = self.pixels
+        return px[:, :, -1] if px.ndim == 3 and px.shape[2] in (2, 4) else None
+
+    @property
+    def _bgra32(self) -> np.ndarray | None:
+        """BGRA pixels as one (H, W) uint32 each, B + G<<8 + R<<16 + A<<24 (a
+        view, no copy): the checks below become single numpy passes."""
+        px = self.pixels
+        if px.ndim != 3 or px.shape[2] != 4 or not px.flags.c_contiguous:
+            return None
+        return px.view("<u4")[:, :, 0]
+
+    def blank_fraction(
+        self, fill_colours: Sequence[tuple[int, int, int]] = (), step: int = 1
+    ) -> float:
+        """:func:`blank_fraction` of :attr:`rgb` and :attr:`valid` (on every
+        ``step``-th row and column), computed on the decoded pixels as they are."""
+        packed = self._bgra32
+        if packed is not None:
+            v = packed[::step, ::step]
+            blank = v < _OPAQUE  # alpha 0
+            if fill_colours:
+                colour = v & _RGB_BITS
+                for r, g, b in fill_colours:
+                    blank |= colour == (b | g << 8 | r << 16)
+            return np.count_nonzero(blank) / blank.size
+        px = self.pixels
+        if px.ndim == 3 and px.shape[2] == 3:
+            px = px[::step, ::step]
+            blank = np.zeros(px.shape[:2], np.uint8)
+            for r, g, b in fill_colours:
+                blank |= cv2.inRange(px, (b, g, r), (b, g, r))
+            return cv2.countNonZero(blank) / blank.size
+        valid = self.valid  # gray (+ alpha), or BGRA not in one block: rare, via RGB
+        return blank_fraction(self.rgb[::step, ::step],
+                              None if valid is None else valid[::step, ::step], fill_colours)
+
+    def nodata_is_black(self) -> bool:
+        """True when no pixel is transparent, or every transparent one is black
+        underneath: then a reader that drops alpha gets the pixels mapgap stores
+        for it (nodata in black) from these very bytes."""
+        packed = self._bgra32
+        if packed is not None:  # transparent and not black: 0 < value < 2**24
+            return not np.any(packed - np.uint32(1) < _RGB_BITS)
+        alpha = self._alpha
+        return alpha is None or not np.any(self.pixels[:, :, :-1][alpha == 0])
 
 
 def sniff_format(data: bytes) -> Format | None:
@@ -49,7 +144,7 @@ def sniff_format(data: bytes) -> Format | None:
 
 
 def decode_tile(data: bytes) -> Decoded:
-    """Decode JPEG/PNG/WebP bytes to 8-bit RGB plus a validity mask from alpha."""
+    """Decode JPEG/PNG/WebP bytes (16-bit samples become 8-bit)."""
     fmt = sniff_format(data)
     if fmt is None:
         raise UndecodableTile(
@@ -62,19 +157,9 @@ def decode_tile(data: bytes) -> Decoded:
         img = (img >> 8).astype(np.uint8)
     elif img.dtype != np.uint8:
         raise UndecodableTile(f"unsupported {fmt.upper()} sample type {img.dtype}")
-    valid = None
-    if img.ndim == 2:
-        rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.shape[2] == 4:
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-        alpha = img[:, :, 3]
-        valid = alpha > 0 if alpha.min() == 0 else None
-    elif img.shape[2] == 2:  # gray + alpha
-        rgb = cv2.cvtColor(np.ascontiguousarray(img[:, :, 0]), cv2.COLOR_GRAY2RGB)
-        valid = img[:, :, 1] > 0
-    else:
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return Decoded(rgb, valid, fmt)
+    if img.ndim == 3 and img.shape[2] not in (2, 3, 4):
+        raise UndecodableTile(f"unsupported {fmt.upper()} with {img.shape[2]} channels")
+    return Decoded(img, fmt)
 
 
 def blank_fraction(

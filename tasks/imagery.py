@@ -22,11 +22,13 @@ from mapgap.tasks.tilestore import TileStore
 from mapgap.tasks.xyz import fetch_xyz
 
 
-def tile_store(run_uri: str, imagery: ImageryConfig, tile_size: int) -> TileStore:
+def tile_store(run_uri: str, imagery: ImageryConfig, tile_size: int,
+               overwrite: bool = False) -> TileStore:
     """The run's tile store; for XYZ tiles, solid black/white also counts as blank
     (a GeoTIFF says where it has no data: its nodata/alpha)."""
     colors = imagery.blank_colors if imagery.kind == "xyz" else ()
-    return TileStore(run_uri, tile_size, imagery.max_blank_fraction, tuple(map(tuple, colors)))
+    return TileStore(run_uri, tile_size, imagery.max_blank_fraction, tuple(map(tuple, colors)),
+                     overwrite)
 
 
 def fetch_batch(
@@ -35,13 +37,15 @@ def fetch_batch(
     tile_size: int,
     tiles: Sequence[Tile],
     raster: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fetch one batch into the run's tile store; returns its fetch report part.
 
     ``raster`` is :func:`describe_raster`'s result (GeoTIFF sources), computed
-    once per run so all batches share one colour stretch.
+    once per run so all batches share one colour stretch. ``overwrite`` fetches
+    tiles that are already stored again (each replaced atomically).
     """
-    store = tile_store(run_uri, imagery, tile_size)
+    store = tile_store(run_uri, imagery, tile_size, overwrite)
     if imagery.kind == "xyz":
         return fetch_xyz(tiles, imagery, store).to_dict()
     if raster is None:
@@ -63,5 +67,7 @@ def fetch_tiles_task(
     tile_size: int,
     tile_keys: list[str],
     raster: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    return fetch_batch(run_uri, imagery, tile_size, [parse_tile_key(k) for k in tile_keys], raster)
+    return fetch_batch(run_uri, imagery, tile_size, [parse_tile_key(k) for k in tile_keys],
+                       raster, overwrite)

@@ -174,15 +174,16 @@ def read_mask(spec: PackSpec, tile: Tile) -> tuple[np.ndarray, bytes]:
 
 
 def read_image(spec: PackSpec, tile: Tile) -> bytes:
-    """The tile's image encoded in ``spec.image_format`` (PNG bytes are copied
-    untouched when already RGB PNG); SkipTile when unusable."""
+    """The tile's image encoded in ``spec.image_format``; SkipTile when unusable.
+    PNG bytes are copied untouched when RGB, or RGBA as fetch keeps them (its
+    nodata already black): readers decode them to RGB."""
     uri = spec.layout.image(tile)
     data = _read(uri, "missing_image")
     img = _open_image(uri, data)
     if img.size != (spec.tile_size, spec.tile_size):
         raise SkipTile("size_mismatch", f"{uri}: image is {img.size[0]}x{img.size[1]} px, "
                                         f"tile_size is {spec.tile_size}")
-    if spec.image_format == "png" and img.format == "PNG" and img.mode == "RGB":
+    if spec.image_format == "png" and img.format == "PNG" and img.mode in ("RGB", "RGBA"):
         return data
     return encode_image(np.asarray(img.convert("RGB")), spec.image_format, spec.webp_quality)
 

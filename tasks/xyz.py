@@ -2,8 +2,10 @@
 path, ``file://``, ``s3://``) into the run's tile store.
 
 Tiles are fetched by a bounded pool of threads sharing one keep-alive httpx
-client; decoding and PNG encoding happen in the same threads (OpenCV releases
-the GIL), so network waits and pixel work overlap. Transient errors (429, 5xx,
+client; decoding, the blank check and the rare re-encoding happen in the same
+threads (OpenCV and numpy release the GIL), so network waits and pixel work
+overlap. Most tiles are stored as the server sent them (see
+:func:`~mapgap.tasks.tilestore.keep_as_is`). Transient errors (429, 5xx,
 timeouts, dropped connections) are retried with capped exponential backoff; a
 tile that still fails is recorded in the fetch report and the run goes on. Only
 a server that cannot be reached at all stops the batch, with one clear line.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -142,6 +145,21 @@ class RetryPolicy:
         return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s) * random.uniform(0.5, 1)
 
 
+_SSL_LOCK = threading.Lock()
+_SSL_CONTEXTS: dict[tuple[str, str], ssl.SSLContext] = {}
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """httpx's default verifying context, built once per process (and per
+    SSL_CERT_FILE / SSL_CERT_DIR): loading the CA bundle takes 50-300 ms, which
+    every batch's client would otherwise pay again, even for plain http."""
+    key = (os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+    with _SSL_LOCK:
+        if key not in _SSL_CONTEXTS:
+            _SSL_CONTEXTS[key] = httpx.create_ssl_context()
+        return _SSL_CONTEXTS[key]
+
+
 def _retry_after(headers: httpx.Headers) -> float | None:
     try:
         return max(0.0, float(headers.get("Retry-After", "")))
@@ -175,6 +193,7 @@ class Fetcher:
                     max_keepalive_connections=imagery.concurrency,
                 ),
                 follow_redirects=True,
+                verify=_ssl_context(),
             )
 
     def close(self) -> None:
@@ -268,7 +287,7 @@ def _fetch_decoded(fetcher: Fetcher, source: Tile, report: FetchReport, tile: Ti
 def fetch_one(fetcher: Fetcher, tile: Tile, store: TileStore, report: FetchReport) -> None:
     got = _fetch_decoded(fetcher, tile, report, tile)
     if got.decoded is not None:
-        store.save(tile, got.decoded.rgb, got.decoded.valid, report, original=got.raw)
+        store.save_source(tile, got.raw, got.decoded, report)
     else:
         report.add("failures" if got.kind == "failed" else "missing", tile, got.reason)
 
@@ -283,7 +302,7 @@ def fetch_overzoomed(fetcher: Fetcher, tile: Tile, store: TileStore, report: Fet
         got = _fetch_decoded(fetcher, child, report, tile)
         if got.kind == "missing":
             continue
-        if got.decoded is None or got.decoded.rgb.shape[0] != got.decoded.rgb.shape[1]:
+        if got.decoded is None or got.decoded.shape[0] != got.decoded.shape[1]:
             reason = got.reason or "not a square tile"
             report.add("failures", tile, f"child {tile_key(child)}: {reason}")
             return

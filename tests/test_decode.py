@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from mapgap.tasks.decode import (
+    FILL_COLOURS,
+    Decoded,
     UndecodableTile,
     blank_fraction,
     decode_tile,
@@ -51,6 +53,51 @@ def test_transparent_pixels_are_invalid_and_count_as_blank() -> None:
     assert decoded.valid is not None
     assert decoded.valid.sum() == 192 * 256
     assert blank_fraction(decoded.rgb, decoded.valid) == pytest.approx(0.25)
+
+
+def _layouts() -> dict[str, bytes]:
+    """One real Kampala tile in every pixel layout decode_tile returns, with
+    transparent, black and white pixels in it."""
+    rgba = next(np.asarray(Image.open(f).convert("RGBA"))
+                for f in sorted(shared_path("kampala").glob("OAM-*.png"))
+                if sniff_format(f.read_bytes()) == "png").copy()
+    rgba[:40] = 0  # transparent, black underneath (as in the source tiles)
+    rgba[40:70] = (0, 0, 0, 255)  # opaque black fill
+    rgba[70:90] = (255, 255, 255, 255)  # opaque white fill
+    rgba[90:95, :100] = (0, 0, 1, 255)  # near-black imagery is still imagery
+    gray = np.asarray(Image.fromarray(rgba).convert("LA"))
+    return {"bgra": _png(rgba, "RGBA"), "bgr": _png(np.ascontiguousarray(rgba[..., :3]), "RGB"),
+            "gray": _png(np.ascontiguousarray(gray[..., 0]), "L"), "gray+alpha": _png(gray, "LA")}
+
+
+@pytest.mark.parametrize("layout", ["bgra", "bgr", "gray", "gray+alpha"])
+def test_blank_fraction_on_decoded_pixels_matches_rgb_and_mask(layout: str) -> None:
+    decoded = decode_tile(_layouts()[layout])
+    assert decoded.pixels.ndim == (2 if layout == "gray" else 3)
+    for colours in [(), FILL_COLOURS, [(255, 255, 255)], [(1, 0, 0)]]:
+        for step in (1, 4):
+            valid = None if decoded.valid is None else decoded.valid[::step, ::step]
+            expected = blank_fraction(decoded.rgb[::step, ::step], valid, colours)
+            assert decoded.blank_fraction(colours, step) == pytest.approx(expected, abs=1e-12)
+    assert decoded.blank_fraction(FILL_COLOURS) >= 90 / 256
+    flipped = Decoded(decoded.pixels[::-1], decoded.format)  # not one block: another path
+    assert flipped.blank_fraction(FILL_COLOURS) == decoded.blank_fraction(FILL_COLOURS)
+
+
+def test_nodata_is_black_only_when_every_transparent_pixel_is() -> None:
+    layouts = _layouts()
+    for name in ("bgra", "gray+alpha", "bgr", "gray"):
+        assert decode_tile(layouts[name]).nodata_is_black(), name
+    rgba = np.asarray(Image.open(io.BytesIO(layouts["bgra"]))).copy()
+    rgba[5, 7, :3] = (0, 0, 1)  # one transparent pixel that is not black underneath
+    decoded = decode_tile(_png(rgba, "RGBA"))
+    assert not decoded.nodata_is_black()
+    assert not Decoded(decoded.pixels[::-1], "png").nodata_is_black()
+    rgba[5, 7, 3] = 255  # now opaque: near-black imagery
+    assert decode_tile(_png(rgba, "RGBA")).nodata_is_black()
+    la = np.asarray(Image.open(io.BytesIO(layouts["gray+alpha"]))).copy()
+    la[0, 0, 0] = 9
+    assert not decode_tile(_png(la, "LA")).nodata_is_black()
 
 
 def test_fill_colours_count_as_blank_only_when_asked() -> None:

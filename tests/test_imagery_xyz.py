@@ -127,13 +127,11 @@ def test_kampala_over_http_with_faults_is_reported_per_tile(tmp_path: Path) -> N
     for t in tiles:
         exists = storage.exists(RunLayout(str(tmp_path)).image(t))
         assert exists == (t not in (gone, slow, junk))
-    for t in [flaky, *jpeg_tiles[:3]]:
-        data = stored(tmp_path, t)
-        if t in jpeg_tiles:  # opaque tiles of the right size are stored byte for byte
-            assert data == kampala_file(t).read_bytes()
-        rgb = decode_tile(data).rgb
-        assert rgb.shape == (256, 256, 3)
-        assert np.array_equal(rgb, decode_tile(kampala_file(t).read_bytes()).rgb)
+    # Every Kampala tile is usable as it is (JPEG, or RGBA PNG whose transparent
+    # pixels are black underneath): stored byte for byte, never re-encoded.
+    for t in tiles:
+        if t not in (gone, slow, junk):
+            assert stored(tmp_path, t) == kampala_file(t).read_bytes()
 
 
 def test_rerun_fetches_only_what_is_missing(tmp_path: Path) -> None:
@@ -233,6 +231,38 @@ def test_blank_tiles_are_skipped_and_reported(tmp_path: Path) -> None:
     # An 8-bit RGB PNG of the right size is stored byte for byte.
     assert stored(tmp_path / "run", tiles[0]) == (tmp_path / "src" / "21" / str(tiles[0].x)
                                                   / f"{tiles[0].y}.png").read_bytes()
+
+
+def test_transparent_tiles_keep_their_bytes_only_when_nodata_is_black(tmp_path: Path) -> None:
+    """Readers (pack, predict) take RGB and drop alpha: RGBA bytes are kept when
+    that gives black nodata, else the tile is re-encoded as RGB with black nodata."""
+    from mapgap.tasks.pack import PackSpec, read_image
+    from mapgap.tasks.predict import read_image as predict_read_image
+
+    source = next(t for t in kampala_tiles(21)
+                  if sniff_format(kampala_file(t).read_bytes()) == "png")
+    rgba = np.asarray(Image.open(kampala_file(source))).copy()
+    rgba[:64] = 0  # a quarter without imagery, black underneath
+    painted = rgba.copy()
+    painted[:64, :, :3] = (200, 30, 30)  # the same, but red under the transparent pixels
+    tiles = kampala_tiles(21)[:2]
+    for t, arr in zip(tiles, (rgba, painted), strict=True):
+        path = tmp_path / "src" / str(t.z) / str(t.x) / f"{t.y}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr, "RGBA").save(path)
+    run = tmp_path / "run"
+    report = fetch_batch(str(run), imagery(f"file://{tmp_path}/src/{{z}}/{{x}}/{{y}}.png"),
+                         256, tiles)
+    assert report["counts"]["fetched"] == 2
+    kept, repainted = (stored(run, t) for t in tiles)
+    assert kept == (tmp_path / "src" / "21" / str(tiles[0].x) / f"{tiles[0].y}.png").read_bytes()
+    assert Image.open(io.BytesIO(repainted)).mode == "RGB"
+    expected = rgba[..., :3]  # imagery where opaque, black where transparent
+    spec = PackSpec(str(run), 21, 256, ("building",), ("building",))
+    for t in tiles:
+        packed = np.asarray(Image.open(io.BytesIO(read_image(spec, t))).convert("RGB"))
+        assert np.array_equal(packed, expected)
+        assert np.array_equal(predict_read_image(RunLayout(str(run)), 256, t), expected)
 
 
 def test_local_directory_template_and_missing_files(tmp_path: Path) -> None:
