@@ -28,6 +28,8 @@ def demo_overrides(scene: Any, tile_url: str, out: Path) -> dict[str, Any]:
         "zoom": scene.zoom,
         "labels": {"source": str(scene.pbf)},
         "imagery": {"source": tile_url},
+        # The scene knows which tiles are fully mapped (its validated tasks).
+        "mining": {"complete_areas": str(scene.complete_areas)},
     }
 
 
@@ -39,7 +41,7 @@ def write_resolved_config(cfg: PipelineConfig, path: Path) -> None:
     """Save the filled-in config so single stages can be rerun by hand."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
     header = "# Written by `mapgap demo`; its tile server URL is only live during the demo.\n"
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    storage.write_text(str(path), header + yaml.safe_dump(data, sort_keys=False))
 
 
 def run_demo(out: Path, seed: int) -> dict[str, Any]:

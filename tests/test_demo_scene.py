@@ -82,7 +82,7 @@ def test_same_seed_gives_identical_bytes(small: list[SceneFiles]) -> None:
     assert da == db
     names = set(da)
     assert {"town.osm.pbf", "imagery.tif", "truth.geojson", "withheld.geojson",
-            "preview.png"} <= names
+            "complete_areas.geojson", "preview.png"} <= names
     assert sum(n.startswith("tiles/") for n in names) == 9
 
 
@@ -189,6 +189,23 @@ def test_withheld_absent_from_pbf_but_in_truth(scene: SceneFiles, pbf_buildings:
         poly = _mercator(shape(f["geometry"]))
         assert poly.equals_exact(_mercator(shape(by_id[f["properties"]["id"]]["geometry"])), 1e-6)
         assert not len(tree.query(poly, predicate="intersects"))
+
+
+def test_withheld_buildings_come_in_patches_outside_the_complete_areas(
+        scene: SceneFiles, pbf_buildings: list) -> None:
+    """Gaps are a few unmapped neighbourhoods, not one building here and there; the
+    complete areas (validated task squares) hold mapped buildings and no gap."""
+    withheld = [_mercator(shape(f["geometry"])) for f in _features(scene.withheld)]
+    centres = np.array([g.centroid.coords[0] for g in withheld])
+    # Most withheld buildings have another one within 60 m; scattered ones would not.
+    dist = np.linalg.norm(centres[:, None] - centres[None], axis=2) + np.eye(len(centres)) * 1e9
+    assert (dist.min(axis=1) < 60).mean() > 0.9
+    squares = [_mercator(shape(f["geometry"])) for f in _features(scene.complete_areas)]
+    tiles = sum(1 for _ in (scene.tiles_dir / str(scene.zoom)).glob("*/*.png"))
+    assert 0.4 * tiles <= len(squares) < tiles
+    area = shapely.union_all(squares)
+    assert not any(area.intersects(g) for g in withheld)
+    assert sum(area.contains(g) for g in pbf_buildings) > 0.4 * len(pbf_buildings)
 
 
 def test_withheld_buildings_are_visible(scene: SceneFiles) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import mercantile
 import shapely
 from shapely.geometry import mapping
 
@@ -24,6 +26,22 @@ def building_feature(b: Building, osm: str | None) -> dict[str, Any]:
         "roof_rgb": list(b.colour), "height": round(b.height, 1), "osm": osm,
         "withheld": osm is None,
     })
+
+
+def complete_area_features(tiles: Sequence[mercantile.Tile],
+                           withheld: Sequence[Building]) -> list[dict[str, Any]]:
+    """The scene's tiles with no withheld building on them, as task squares: where a
+    validator would have marked the mapping complete (a Tasking Manager project's
+    validated tasks), and so where hard-negative mining may trust OSM."""
+    gaps = shapely.STRtree([b.footprint for b in withheld])
+    out = []
+    for t in tiles:
+        b = mercantile.xy_bounds(t)
+        if not len(gaps.query(shapely.box(b.left, b.bottom, b.right, b.top),
+                              predicate="intersects")):
+            out.append(_feature(shapely.box(b.left, b.bottom, b.right, b.top),
+                                {"task": f"z{t.z}_{t.x}_{t.y}", "mapping": "validated"}))
+    return out
 
 
 def truth_features(town: Town, osm_ids: dict[int, str]) -> list[dict[str, Any]]:
