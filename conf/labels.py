@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -12,6 +13,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from mapgap.conf.base import Strict, is_uri, resolve_path
 
 TagValues = list[str] | Literal["*"]
+OSM_SUFFIXES = (".pbf", ".osm", ".osm.bz2", ".osm.gz")
+VECTOR_SUFFIXES = (".parquet", ".geoparquet", ".gpkg", ".geojson", ".json", ".fgb", ".shp")
 
 
 class TagFilter(Strict):
@@ -70,9 +73,10 @@ class OverpassConfig(Strict):
 
 
 class LabelsConfig(Strict):
-    # A .osm.pbf / .osm / .osm.bz2 file, an Overpass endpoint URL (http...), or a
-    # vector file (GeoJSON, GeoPackage, GeoParquet): one file with a class column,
-    # a folder of <class>.<ext> files, or a path template with "{class}".
+    # A .osm.pbf / .osm / .osm.bz2 file or a vector file (GeoJSON, GeoPackage,
+    # GeoParquet; one with a class column, or a path template with "{class}"),
+    # local, s3:// or http(s)://; a local folder of <class>.<ext> files; or an
+    # Overpass endpoint: any http(s) URL without one of those suffixes.
     source: str
     class_column: str = "class"
     overpass: OverpassConfig = OverpassConfig()
@@ -88,17 +92,30 @@ class LabelsConfig(Strict):
     @field_validator("source")
     @classmethod
     def _resolve(cls, v: str, info: ValidationInfo) -> str:
+        source_kind(v)  # an unsupported scheme is a config error, not a late surprise
         return resolve_path(v, info, must_exist="{class}" not in v)
 
     @property
     def kind(self) -> Literal["osm", "overpass", "vector"]:
-        if self.source.startswith(("http://", "https://")):
-            return "overpass"
-        if self.source.endswith((".pbf", ".osm", ".osm.bz2", ".osm.gz")):
-            return "osm"
-        if is_uri(self.source) and not self.source.startswith("s3://"):
-            raise ValueError(f"labels.source: unsupported URI scheme: {self.source}")
+        return source_kind(self.source)
+
+
+def source_kind(source: str) -> Literal["osm", "overpass", "vector"]:
+    """What a labels source is, by the suffix of its path first: an OSM or vector
+    file may be served over HTTP too (``https://host/labels.geojson``); any other
+    http(s) URL is an Overpass endpoint (``https://host/api/interpreter``)."""
+    parts = urlsplit(source) if is_uri(source) else None
+    scheme = parts.scheme.lower() if parts else ""
+    if scheme not in ("", "http", "https", "s3"):
+        raise ValueError(f"unsupported URI scheme: {source}")
+    path = (parts.path if parts else source).lower()
+    if path.endswith(OSM_SUFFIXES):
+        return "osm"
+    if path.endswith(VECTOR_SUFFIXES):
         return "vector"
+    if scheme in ("http", "https"):
+        return "overpass"
+    return "vector"  # a folder of <class>.<ext> files, a "{class}" template
 
 
 @cache

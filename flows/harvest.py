@@ -31,13 +31,17 @@ hashes, and a task whose outputs were deleted runs again.
 
 from __future__ import annotations
 
+import posixpath
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from fsspec.core import url_to_fs
 from prefect import flow
 from prefect.futures import wait
 
 from mapgap import grid, storage
 from mapgap.conf.schema import PipelineConfig
+from mapgap.grid import Tile
 from mapgap.layout import RunLayout
 from mapgap.progress import get_logger
 from mapgap.tasks.labels import aoi_to_wkb, source_fingerprint
@@ -53,12 +57,37 @@ from mapgap.tasks.rasterize import (
 from mapgap.tasks.vector_labels import harvest_vector_task
 
 
-def _unless_done(task: Any, *outputs: str) -> Any:
+def _unless_done(task: Any, outputs: Iterable[str],
+                 present: Callable[[str], bool] = storage.exists) -> Any:
     """The task as is, or forced to run when one of its outputs is missing
     (a cached result must not point at deleted files)."""
-    if all(storage.exists(u) for u in outputs):
+    if all(present(u) for u in outputs):
         return task
     return task.with_options(refresh_cache=True)
+
+
+def _files_under(folder: str) -> set[str]:
+    """URIs of every file below ``folder``, from one recursive listing: a rerun
+    over a large AOI on S3 lists a few pages instead of asking about each tile."""
+    fs, path = url_to_fs(folder)
+    return {folder + p[len(path):] for p in fs.find(path)}
+
+
+def _written(layout: RunLayout, tile: Tile, signed_distance: bool) -> set[str]:
+    """The rasterize outputs already stored, from one listing per folder: the
+    masks (and distance targets) of ``tile``'s zoom and the stats parts."""
+    per_tile = [layout.mask(tile), *([layout.signed_distance(tile)] if signed_distance else [])]
+    folders = {posixpath.dirname(posixpath.dirname(u)) for u in per_tile}
+    folders.add(posixpath.dirname(layout.mask_stats_part("batch")))
+    return set().union(*map(_files_under, folders))
+
+
+def _batch_outputs(layout: RunLayout, batch: list[Tile], signed_distance: bool) -> list[str]:
+    """Every file a rasterize batch writes: masks, distance targets, stats part."""
+    outputs = [layout.mask(t) for t in batch]
+    if signed_distance:
+        outputs += [layout.signed_distance(t) for t in batch]
+    return [*outputs, layout.mask_stats_part(batch_id([grid.tile_key(t) for t in batch]))]
 
 
 def harvest_labels(cfg: PipelineConfig) -> dict[str, Any]:
@@ -77,13 +106,13 @@ def harvest_labels(cfg: PipelineConfig) -> dict[str, Any]:
         ]
         wait(futures)  # every box finishes (and is cached) before a failure stops the flow
         replies = [f.result() for f in futures]
-        task = _unless_done(harvest_overpass_task, *outputs)
+        task = _unless_done(harvest_overpass_task, outputs)
         return task(labels.source, replies, cfg.classes, aoi, cfg.run_uri)
     fingerprint = source_fingerprint(labels.source, [c.name for c in cfg.classes])
     if labels.kind == "osm":
-        task = _unless_done(harvest_osm_task, *outputs)
+        task = _unless_done(harvest_osm_task, outputs)
         return task(labels.source, fingerprint, cfg.classes, aoi, cfg.run_uri)
-    task = _unless_done(harvest_vector_task, *outputs)
+    task = _unless_done(harvest_vector_task, outputs)
     return task(labels.source, fingerprint, cfg.classes, labels.class_column, aoi, cfg.run_uri)
 
 
@@ -93,11 +122,13 @@ def rasterize_masks(cfg: PipelineConfig, summary: dict[str, Any]) -> dict[str, A
     spec = RasterSpec.from_config(cfg)
     labels = {c: {"uri": v["uri"], "sha256": v["sha256"]} for c, v in summary["classes"].items()}
     tiles = order_tiles(grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom))
+    written = _written(layout, tiles[0], spec.signed_distance) if tiles else set()
     futures = []
     for batch in grid.iter_batches(tiles, cfg.labels.tiles_per_task):
-        keys = [grid.tile_key(t) for t in batch]
-        task = _unless_done(rasterize_batch_task, layout.mask_stats_part(batch_id(keys)))
-        futures.append(task.submit(cfg.run_uri, keys, labels, spec))
+        outputs = _batch_outputs(layout, batch, spec.signed_distance)
+        task = _unless_done(rasterize_batch_task, outputs, written.__contains__)
+        futures.append(task.submit(cfg.run_uri, [grid.tile_key(t) for t in batch], labels,
+                                   spec))
     get_logger().info("harvest: rasterizing %d tiles in %d batches", len(tiles), len(futures))
     wait(futures)
     totals = merge_stats([f.result() for f in futures], layout.mask_stats)

@@ -111,6 +111,8 @@ class TagMatcher:
         return self.match(tags) is not None
 
 
+MAX_WIDTH_M = 100.0  # a width= tag above this is a typo: the class default is used
+MAX_LANES = 20
 _LENGTH = re.compile(r"^\s*(\d+(?:[.,]\d+)?)\s*(m|metres?|meters?|ft|feet|')?\s*$", re.I)
 _FEET_INCHES = re.compile(r"^\s*(\d+)\s*'\s*(\d+(?:\.\d+)?)\s*\"\s*$")
 
@@ -130,13 +132,13 @@ def parse_length_m(value: str | None) -> float | None:
         metres = float(m.group(1).replace(",", "."))
         if (m.group(2) or "m").lower() in ("ft", "feet", "'"):
             metres *= 0.3048
-    return metres if 0 < metres <= 100 else None
+    return metres if 0 < metres <= MAX_WIDTH_M else None
 
 
 def parse_lanes(value: str | None) -> int | None:
     m = re.match(r"^\s*(\d+)", value or "")
     lanes = int(m.group(1)) if m else 0
-    return lanes if 0 < lanes <= 20 else None
+    return lanes if 0 < lanes <= MAX_LANES else None
 
 
 def line_width_m(spec: ClassSpec, tags: Mapping[str, str]) -> float:
@@ -149,6 +151,18 @@ def line_width_m(spec: ClassSpec, tags: Mapping[str, str]) -> float:
         return lanes * spec.lane_width_m
     key = next(iter(spec.tags.include))
     return spec.widths_m.get(tags.get(key, ""), spec.width_m or 0.0)
+
+
+def max_buffer_m(spec: ClassSpec) -> float:
+    """The widest buffer radius a feature of this class can get: how far outside
+    the AOI a line or node may lie and still reach into it (0 for polygons)."""
+    if spec.geometry == "polygon":
+        return 0.0
+    if spec.geometry == "point":
+        return (spec.width_m or 0.0) / 2
+    widths = (MAX_WIDTH_M, MAX_LANES * spec.lane_width_m, spec.width_m or 0.0,
+              *spec.widths_m.values())
+    return max(widths) / 2
 
 
 # --- collecting raw elements -------------------------------------------------------------
@@ -425,7 +439,11 @@ def source_fingerprint(uri: str, class_names: Iterable[str] = ()) -> str:
         if not fs.exists(path):
             parts.append(f"{u}:missing")
             continue
-        for name, info in sorted(fs.find(path, detail=True, withdirs=False).items()):
-            stamp = [info.get(k) for k in ("size", "mtime", "ETag", "LastModified", "created")]
+        # a file's own info: find() on an HTTP file would download it to look for links
+        found = {path: fs.info(path)} if fs.isfile(path) else fs.find(path, detail=True,
+                                                                      withdirs=False)
+        for name, info in sorted(found.items()):
+            stamp = [info.get(k) for k in ("size", "mtime", "ETag", "LastModified",
+                                           "Last-Modified", "created")]
             parts.append(f"{name}:{stamp}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

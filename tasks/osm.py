@@ -3,8 +3,10 @@
 One streaming pass for all classes (after a quick relations-only pass). osmium
 does the heavy lifting in C++: node locations, multipolygon assembly of the
 wanted relations, and tag pre-filtering (``KeyFilter`` on the classes' include
-keys), so only candidate objects ever reach Python. Exact matching and every
-geometry rule then run in the shared :mod:`mapgap.tasks.labels` code path.
+keys), so only candidate objects ever reach Python. A candidate whose bbox
+misses the AOI's is only counted (``outside_aoi``), so what is kept in memory
+follows the AOI, not the file. Exact matching and every geometry rule then run
+in the shared :mod:`mapgap.tasks.labels` code path.
 
 Nothing is silently lost: a matching way whose nodes are missing from the
 extract, or a multipolygon relation osmium cannot assemble (missing members,
@@ -16,6 +18,7 @@ repaired (``repaired``).
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -36,10 +39,12 @@ from mapgap.tasks.labels import (
     LabelError,
     aoi_from_wkb,
     check_aoi,
+    max_buffer_m,
     write_outputs,
 )
 
 AREA_RELATION_TYPES = ("multipolygon", "boundary")
+Bounds = tuple[float, float, float, float]  # west, south, east, north
 
 
 class OsmFileError(LabelError):
@@ -72,18 +77,51 @@ def harvest_osm(source: str, specs: list[ClassSpec], aoi: BaseGeometry) -> Harve
             harvester.warn(f"{source}: AOI {tuple(round(v, 5) for v in aoi.bounds)} is outside"
                            f" the file's extent {tuple(round(v, 5) for v in extent.bounds)}")
             return harvester.finish(aoi)
+        # an AOI covering the whole file needs no bbox check per object
+        bounds = None if extent is not None and aoi.contains(extent) else search_bounds(
+            aoi, max(max_buffer_m(s) for s in specs))
         try:
-            _read(path, harvester)
+            collect(path, harvester, bounds)
         except RuntimeError as err:
             raise _fail(source, err) from None
     return harvester.finish(aoi)
 
 
-def _read(path: Path, harvester: Harvester) -> None:
+def search_bounds(aoi: BaseGeometry, margin_m: float) -> Bounds:
+    """The AOI's bbox grown by ``margin_m`` (the widest buffer a class may give
+    a feature), so a road just outside whose buffer reaches in is kept."""
+    w, s, e, n = aoi.bounds
+    dlat = margin_m / 110_000  # a degree of latitude is at least 110.5 km
+    dlon = dlat / max(math.cos(math.radians(max(abs(s), abs(n)))), 0.01)
+    return w - dlon, s - dlat, e + dlon, n + dlat
+
+
+def _line_bounds(line_hex: str) -> Bounds:
+    """The bbox of a linestring (hex WKB from osmium), read straight from the
+    WKB's coordinates: no geometry is built."""
+    line = bytes.fromhex(line_hex)  # 1 byte order, 4 type, 4 count, 16 per point
+    xy = struct.unpack_from(("<" if line[0] == 1 else ">") + f"{(len(line) - 9) // 8}d", line, 9)
+    xs, ys = xy[0::2], xy[1::2]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _overlap(a: Bounds, b: Bounds) -> bool:
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+def _outside(cols: list[tuple[ClassCollector, dict[str, str]]]) -> None:
+    for c, _ in cols:
+        c.skip("outside_aoi")
+
+
+def collect(path: Path, harvester: Harvester, bounds: Bounds | None) -> None:
+    """One pass over the file into the harvester's collectors. With ``bounds``
+    (lon/lat), objects whose bbox misses them are only counted (outside_aoi),
+    so memory follows the AOI, not the file."""
     kinds = harvester.kinds()
     keys = harvester.include_keys
     factory = osmium.geom.WKBFactory()
-    areas = _Areas(harvester, factory)
+    areas = _Areas(harvester, factory, bounds)
     if "polygon" in kinds:
         areas.find_relations(path)
 
@@ -116,6 +154,9 @@ def _read(path: Path, harvester: Harvester) -> None:
                     wkb = factory.create_linestring(obj)
                 except (osmium.InvalidLocationError, RuntimeError):
                     wkb = None  # nodes missing from the extract, or one location only
+                if bounds and wkb is not None and not _overlap(_line_bounds(wkb), bounds):
+                    _outside((polys or []) + (lines or []))
+                    continue
                 if polys:
                     areas.way(obj.id, wkb, polys)
                 for c, used in lines or ():
@@ -127,10 +168,15 @@ def _read(path: Path, harvester: Harvester) -> None:
             areas.area(obj)
         elif t == "n":
             cols = harvester.matching("point", obj.tags)
-            if cols and obj.location.valid():
-                wkb = factory.create_point(obj)
-                for c, used in cols:
-                    c.add("node", obj.id, used, wkb)
+            loc = obj.location
+            if not (cols and loc.valid()):
+                continue
+            if bounds and not _overlap((loc.lon, loc.lat, loc.lon, loc.lat), bounds):
+                _outside(cols)
+                continue
+            wkb = factory.create_point(obj)
+            for c, used in cols:
+                c.add("node", obj.id, used, wkb)
     areas.finish()
 
 
@@ -145,11 +191,14 @@ class _Areas:
     Overpass data.
     """
 
-    def __init__(self, harvester: Harvester, factory: osmium.geom.WKBFactory) -> None:
+    def __init__(self, harvester: Harvester, factory: osmium.geom.WKBFactory,
+                 bounds: Bounds | None) -> None:
         self.harvester = harvester
         self.factory = factory
+        self.bounds = bounds
         self.relations: dict[int, list[tuple[ClassCollector, dict[str, str]]]] = {}
-        self.built: dict[int, str] = {}
+        # relation id -> its area, or None when it lies outside the bounds
+        self.built: dict[int, BaseGeometry | None] = {}
         # per way of a polygon class: its linestring WKB (None without node
         # locations) and the classes it matched
         self.rings: list[tuple[int, str | None, list[tuple[ClassCollector, dict]]]] = []
@@ -180,7 +229,9 @@ class _Areas:
     def area(self, area: osmium.osm.Area) -> None:
         # a failure is counted in finish(): a wanted relation without an area
         with contextlib.suppress(RuntimeError):
-            self.built[area.orig_id()] = self.factory.create_multipolygon(area)
+            geom = shapely.from_wkb(self.factory.create_multipolygon(area))
+            inside = self.bounds is None or _overlap(geom.bounds, self.bounds)
+            self.built[area.orig_id()] = geom if inside else None
 
     def finish(self) -> None:
         polygons = _ring_polygons([ring for _, ring, _ in self.rings])
@@ -191,12 +242,13 @@ class _Areas:
                 else:
                     c.add("way", way_id, used, polygon)
         for rel_id, cols in sorted(self.relations.items()):
-            wkb = self.built.get(rel_id)
-            geom = None if wkb is None else shapely.from_wkb(wkb)
-            for c, used in cols:
-                if geom is None:
+            if rel_id not in self.built:
+                for c, _ in cols:
                     c.skip("skipped_invalid")
-                else:
+            elif (geom := self.built[rel_id]) is None:
+                _outside(cols)
+            else:
+                for c, used in cols:
                     c.add("relation", rel_id, used, geom)
 
 

@@ -16,20 +16,22 @@ out", "out of memory", ...) is an error carrying that text, never an empty resul
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import overpy
+import shapely
 from shapely.geometry import LineString, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
-from shapely.ops import polygonize, unary_union
 
 from mapgap import storage
 from mapgap.conf.labels import ClassSpec, OverpassConfig
@@ -51,6 +53,8 @@ _STATUS_AVAILABLE = re.compile(r"(\d+) slots? available now")
 _STATUS_WAIT = re.compile(r"Slot available after: \S+, in (-?\d+) seconds?")
 _STATUS_LIMIT = re.compile(r"Rate limit: (\d+)")
 _REMARK_XML = re.compile(r"<remark>(.*?)</remark>", re.S)
+
+LonLat = tuple[float, float]
 
 
 class OverpassError(RuntimeError):
@@ -286,11 +290,11 @@ def parse_reply(uri: str) -> overpy.Result:
     return api.parse_json(data) if fmt == "json" else api.parse_xml(data)
 
 
-def _lonlat(points: Iterable[Any]) -> list[tuple[float, float]]:
+def _lonlat(points: Iterable[Any]) -> list[LonLat]:
     return [(float(p.lon), float(p.lat)) for p in points]
 
 
-def way_coords(way: overpy.Way) -> list[tuple[float, float]] | None:
+def way_coords(way: overpy.Way) -> list[LonLat] | None:
     """From ``out geom`` geometry or the way's nodes; None when nodes are missing."""
     geometry = way.attributes.get("geometry")
     if geometry:
@@ -301,9 +305,10 @@ def way_coords(way: overpy.Way) -> list[tuple[float, float]] | None:
         return None
 
 
-def _member_lines(relation: overpy.Relation) -> tuple[list[LineString], list[LineString]] | None:
-    outer: list[LineString] = []
-    inner: list[LineString] = []
+def _member_coords(relation: overpy.Relation) -> list[list[LonLat]] | None:
+    """Coordinates of every member way, whatever its role (roles are often wrong:
+    like osmium, nesting decides what is outer). None when a member is missing."""
+    ways = []
     for m in relation.members:
         if not isinstance(m, overpy.RelationWay):
             continue
@@ -316,24 +321,37 @@ def _member_lines(relation: overpy.Relation) -> tuple[list[LineString], list[Lin
                 coords = None
         if coords is None:
             return None
-        if len(coords) >= 2:
-            (inner if m.role == "inner" else outer).append(LineString(coords))
-    return outer, inner
+        ways.append(coords)
+    return ways
+
+
+def ring_segments(ways: list[list[LonLat]]) -> list[tuple[LonLat, LonLat]] | None:
+    """The member ways cut into segments. A segment present twice (two rings
+    sharing an edge) cancels out, as in osmium's assembler; None when the rest
+    does not close into rings (a node where an odd number of segments end)."""
+    count: Counter[tuple[LonLat, LonLat]] = Counter()
+    for coords in ways:
+        for a, b in itertools.pairwise(coords):
+            if a != b:
+                count[(a, b) if a < b else (b, a)] += 1
+    segments = [s for s, n in count.items() if n % 2]
+    ends = Counter(p for s in segments for p in s)
+    if not segments or any(n % 2 for n in ends.values()):
+        return None
+    return segments
 
 
 def relation_polygon(relation: overpy.Relation) -> BaseGeometry | None:
-    """Rings from the member ways (split ways are joined by polygonize); inner
-    rings become holes. None when a member is missing or no ring closes."""
-    lines = _member_lines(relation)
-    if lines is None:
+    """The relation's area by the even-odd rule, as osmium assembles it: split
+    ways are joined into rings, rings are nested by containment (even depth:
+    outer, odd: hole), so an island in a hole is kept. None when a member is
+    missing or a ring does not close."""
+    ways = _member_coords(relation)
+    segments = None if ways is None else ring_segments(ways)
+    if segments is None:
         return None
-    outer, inner = lines
-    shell = unary_union(list(polygonize(outer)))
-    if shell.is_empty:
-        return None
-    if inner:
-        shell = shell.difference(unary_union(list(polygonize(inner))))
-    return None if shell.is_empty else shell
+    area = shapely.build_area(shapely.multilinestrings(segments))
+    return None if area.is_empty else area
 
 
 def harvest_overpass(reply_uris: list[str], specs: list[ClassSpec],

@@ -21,11 +21,12 @@ import math
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from shapely.geometry.base import BaseGeometry
 
 from mapgap import grid, storage
-from mapgap.conf.labels import ClassSpec
+from mapgap.conf.labels import VECTOR_SUFFIXES, ClassSpec
 from mapgap.layout import RunLayout
 from mapgap.orchestration import stage_task
 from mapgap.tasks.labels import (
@@ -38,7 +39,6 @@ from mapgap.tasks.labels import (
     write_outputs,
 )
 
-SUFFIXES = (".parquet", ".geoparquet", ".gpkg", ".geojson", ".json", ".fgb", ".shp")
 _OSM_REF = re.compile(r"^(node|way|relation)/(\d+)$")
 
 
@@ -56,11 +56,11 @@ def class_files(source: str, names: list[str]) -> dict[str, str | None] | None:
         return None
     found: dict[str, str | None] = {}
     for n in names:
-        candidates = [Path(source, n + s) for s in SUFFIXES]
+        candidates = [Path(source, n + s) for s in VECTOR_SUFFIXES]
         found[n] = next((str(p) for p in candidates if p.exists()), None)
     if not any(found.values()):
         raise VectorLabelError(f"{source}: folder has no <class>.<ext> file for any of the classes"
-                               f" {', '.join(names)} (ext: {', '.join(SUFFIXES)})")
+                               f" {', '.join(names)} (ext: {', '.join(VECTOR_SUFFIXES)})")
     return found
 
 
@@ -68,9 +68,9 @@ def read_vector(uri: str) -> Any:
     """A vector file as a GeoDataFrame in EPSG:4326."""
     import geopandas as gpd
 
-    suffix = Path(uri).suffix.lower()
+    suffix = Path(urlsplit(uri).path if storage.is_remote(uri) else uri).suffix.lower()
     try:
-        with storage.local_file(uri) as path:
+        with storage.local_file(uri, suffix) as path:
             if suffix in (".parquet", ".geoparquet"):
                 frame = gpd.read_parquet(path)
             else:

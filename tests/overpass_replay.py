@@ -62,6 +62,8 @@ class ReplayServer:
         return f"http://{host}:{port}/api/interpreter"
 
     def reply(self, name: str) -> ReplayServer:
+        """The reply to serve: a recording (path under the data dir), or a file a
+        test wrote (absolute path)."""
         self.reply_name = name
         return self
 

@@ -21,6 +21,7 @@ from mapgap.conf.labels import ClassSpec
 from mapgap.layout import RunLayout
 from mapgap.tasks.labels import (
     EmptyAOIError,
+    Harvester,
     TagMatcher,
     line_width_m,
     parse_lanes,
@@ -28,7 +29,7 @@ from mapgap.tasks.labels import (
     read_labels,
     write_outputs,
 )
-from mapgap.tasks.osm import OsmFileError, harvest_osm
+from mapgap.tasks.osm import OsmFileError, collect, harvest_osm
 
 try:
     from tests.conftest import shared_path
@@ -91,6 +92,8 @@ class IndependentCount(osmium.SimpleHandler):
         self.open_ways: dict[str, int] = dict.fromkeys(self.AREAS, 0)
         self.roads: set[int] = set()
         self.excluded_buildings: set[int] = set()
+        # bbox of every building/parking/road way with all its node locations
+        self.bounds: dict[int, tuple[float, float, float, float]] = {}
 
     def way(self, w: osmium.osm.Way) -> None:
         closed = w.nodes[0].ref == w.nodes[-1].ref
@@ -105,6 +108,10 @@ class IndependentCount(osmium.SimpleHandler):
             self.complete_ways.add(w.id)
         if is_road(w.tags):
             self.roads.add(w.id)
+        if (is_road(w.tags) or any(p(w.tags) for p in self.AREAS.values())) and all(
+                n.location.valid() for n in w.nodes):
+            lons, lats = [n.location.lon for n in w.nodes], [n.location.lat for n in w.nodes]
+            self.bounds[w.id] = (min(lons), min(lats), max(lons), max(lats))
         if w.tags.get("building") in BUILDING_EXCLUDED:
             self.excluded_buildings.add(w.id)
 
@@ -332,6 +339,55 @@ def test_aoi_clip_and_geoparquet_outputs(tmp_path: Path) -> None:
     # deterministic bytes: same input, same file, same hash (downstream cache keys)
     again = write_outputs(harvest_osm(str(path), CLASSES, aoi), layout, str(path))
     assert again["classes"]["building"]["sha256"] == summary["classes"]["building"]["sha256"]
+
+
+def test_a_small_aoi_keeps_what_the_whole_file_harvest_has_there(liechtenstein: tuple) -> None:
+    """Objects far from the AOI are dropped during the pass; what is kept is exactly
+    what the whole-file harvest has touching the AOI, roads whose buffer just
+    reaches in included."""
+    path, whole, ref = liechtenstein
+    aoi = box(9.515, 47.135, 9.525, 47.145)
+    result = harvest_osm(str(path), CLASSES, aoi)
+    for name, frame in whole.frames.items():
+        touching = frame[frame.geometry.intersects(aoi)]
+        assert ids(result.frames[name]) == ids(touching), name
+        assert result.counts[name]["matched"] == whole.counts[name]["matched"]
+    # an AOI starting 1 m east of a road's east end: the road's buffer reaches in
+    road = min(i for i in ref.roads & set(ref.bounds) if box(*ref.bounds[i]).within(aoi))
+    w, s, e, n = ref.bounds[road]
+    beside = box(e + 1.3e-5, s - 0.001, e + 0.01, n + 0.001)
+    frame = whole.frames["road"]
+    touching = frame[frame.geometry.intersects(beside)]
+    assert road in set(touching.osm_id)
+    assert ids(harvest_osm(str(path), [ROAD], beside).frames["road"]) == ids(touching)
+
+
+def test_the_pass_holds_only_objects_near_the_aoi(liechtenstein: tuple) -> None:
+    """What the osmium pass keeps in memory for a small AOI, against the independent
+    count's way bboxes and the whole-file harvest's relations."""
+    path, whole, ref = liechtenstein
+    bounds = (9.515, 47.135, 9.525, 47.145)
+    harvester = Harvester(CLASSES)
+    collect(path, harvester, bounds)
+    near = {i for i, b in ref.bounds.items() if box(*b).intersects(box(*bounds))}
+    expected = {
+        "building": {("way", i) for _, i in ref.areas["building"]} & {
+            ("way", i) for i in near & ref.complete_ways},
+        "parking": {("way", i) for _, i in ref.areas["parking"]} & {
+            ("way", i) for i in near & ref.complete_ways},
+        "road": {("way", i) for i in near & ref.roads},
+    }
+    for name, col in harvester.collectors.items():
+        held = set(zip(col.osm_type, col.osm_id, strict=True))
+        rel = whole.frames[name].query("osm_type == 'relation'")
+        near_rel = {("relation", i) for i, g in zip(rel.osm_id, rel.geometry, strict=True)
+                    if box(*g.bounds).intersects(box(*bounds))}
+        assert held == expected[name] | near_rel, name
+        counts = col.counts
+        assert counts["matched"] == whole.counts[name]["matched"]
+        assert counts["matched"] == len(held) + counts["outside_aoi"] + counts[
+            "skipped_invalid"] + counts["skipped_geometry"]
+        assert 0 < len(held) < counts["matched"] / 5
 
 
 # --- bad input -------------------------------------------------------------------------------

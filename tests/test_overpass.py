@@ -50,6 +50,10 @@ TREE = ClassSpec.model_validate({
     "name": "tree", "geometry": "point", "width_m": 5,
     "tags": {"include": {"natural": ["tree"]}},
 })
+TURNING = ClassSpec.model_validate({
+    "name": "turning", "geometry": "point", "width_m": 10,
+    "tags": {"include": {"highway": ["turning_circle"]}},
+})
 WORLD = box(-180, -85, 180, 85)
 FAST = OverpassConfig(retries=3, backoff_s=0.01, max_backoff_s=0.05, status_poll_s=0.1,
                       max_slot_wait_s=5, timeout_s=5)
@@ -268,6 +272,124 @@ def test_incomplete_replies_are_counted_not_dropped(server: ReplayServer, tmp_pa
     assert result.counts["building"]["skipped_invalid"] == 1
     assert result.counts["building"]["features"] == 0
     assert any("no features" in w for w in result.warnings)
+
+
+def test_recorded_xml_replies_give_what_the_json_replies_give(server: ReplayServer,
+                                                             tmp_path: Path) -> None:
+    """Real recorded XML replies, served and parsed like the matching JSON ones:
+    a building (way-02), a building with more tags (way-03), a way without its
+    nodes (way-01) and a tagged node (node-01)."""
+    expected = {"way-01": {"building": []}, "way-02": {"building": [317146077]},
+                "way-03": {"building": [225576797]}, "node-01": {"turning": [100793192]}}
+    for name, ids in expected.items():
+        replies = {}
+        for fmt in ("xml", "json"):
+            server.reply(f"overpy/{fmt}/{name}.{fmt}")
+            uri = run(server, tmp_path / fmt / name)
+            assert uri.endswith(f".{fmt}")
+            replies[fmt] = harvest_overpass([uri], [BUILDING, TURNING], WORLD)
+        xml, js = replies["xml"], replies["json"]
+        assert xml.counts == js.counts, name
+        for cls, frame in xml.frames.items():
+            assert list(frame.osm_id) == ids.get(cls, []), (name, cls)
+            other = js.frames[cls]
+            assert frame.drop(columns="geometry").equals(other.drop(columns="geometry"))
+            assert frame.geometry.geom_equals_exact(other.geometry, 0).all()
+    assert xml.frames["turning"].geometry.iloc[0].centroid.coords[0] == pytest.approx(
+        (7.1709376, 50.7468472))
+    assert js.counts["building"]["features"] == 0  # node-01 has no way
+
+
+# --- multipolygon assembly: rings nested by containment, as osmium does ----------------
+
+SCALE = 1e-4  # ring coordinates below are in units of 1e-4 degree around (7E, 50N)
+
+
+def square(x0: int, x1: int) -> list[tuple[int, int]]:
+    return [(x0, x0), (x1, x0), (x1, x1), (x0, x1), (x0, x0)]
+
+
+OUTER, HOLE, ISLAND = square(0, 10), square(2, 8), square(4, 6)
+RELATIONS = {  # id: (member ways as (role, corner points), building value)
+    # the outer ring split in two ways, a hole, an island in the hole
+    1: ([("outer", OUTER[:3]), ("outer", OUTER[2:]), ("inner", HOLE), ("outer", ISLAND)],
+        "island"),
+    # an outer ring that does not close
+    2: ([("outer", [(20, 0), (30, 0), (30, 10)])], "open"),
+}
+
+
+def write_relations(path: Path, fmt: str) -> Path:
+    """RELATIONS as an Overpass JSON reply or as OSM XML (which is also what
+    Overpass answers with [out:xml]); member ways carry no tags."""
+    node_ids: dict[tuple[int, int], int] = {}
+    ways: list[tuple[int, list[int]]] = []
+    rels: list[tuple[int, list[tuple[str, int]], str]] = []
+    for rel_id, (members, value) in RELATIONS.items():
+        refs = []
+        for role, points in members:
+            ways.append((100 + len(ways), [node_ids.setdefault(p, len(node_ids) + 1)
+                                           for p in points]))
+            refs.append((role, ways[-1][0]))
+        rels.append((rel_id, refs, value))
+    nodes = [(i, 7 + x * SCALE, 50 + y * SCALE) for (x, y), i in node_ids.items()]
+    if fmt == "json":
+        elements = [{"type": "node", "id": i, "lat": lat, "lon": lon} for i, lon, lat in nodes]
+        elements += [{"type": "way", "id": i, "nodes": refs} for i, refs in ways]
+        elements += [{"type": "relation", "id": i, "tags": {"type": "multipolygon",
+                                                             "building": value},
+                      "members": [{"type": "way", "ref": r, "role": role} for role, r in refs]}
+                     for i, refs, value in rels]
+        path.write_text(json.dumps({"version": 0.6, "generator": "Overpass API",
+                                    "elements": elements}))
+        return path
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<osm version="0.6" generator="Overpass API">']
+    lines += [f'<node id="{i}" lat="{lat}" lon="{lon}"/>' for i, lon, lat in nodes]
+    lines += [f'<way id="{i}">' + "".join(f'<nd ref="{r}"/>' for r in refs) + "</way>"
+              for i, refs in ways]
+    lines += [f'<relation id="{i}">'
+              + "".join(f'<member type="way" ref="{r}" role="{role}"/>' for role, r in refs)
+              + f'<tag k="type" v="multipolygon"/><tag k="building" v="{value}"/></relation>'
+              for i, refs, value in rels]
+    path.write_text("\n".join([*lines, "</osm>"]))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_an_island_in_a_hole_is_kept_as_osmium_keeps_it(server: ReplayServer, tmp_path: Path,
+                                                        fmt: str) -> None:
+    reply = write_relations(tmp_path / f"reply.{fmt}", fmt)
+    server.reply(str(reply))
+    via_overpass = harvest_overpass([run(server, tmp_path)], [BUILDING], WORLD)
+    frame = via_overpass.frames["building"]
+    assert list(frame.osm_id) == [1]
+    geom = frame.geometry.iloc[0]
+    ring_area = {name: Polygon(r).area * SCALE**2 for name, r in
+                 (("outer", OUTER), ("hole", HOLE), ("island", ISLAND))}
+    expected = ring_area["outer"] - ring_area["hole"] + ring_area["island"]
+    assert geom.area == pytest.approx(expected, rel=1e-9)
+    centre, in_hole = (7 + 5 * SCALE, 50 + 5 * SCALE), (7 + 3 * SCALE, 50 + 3 * SCALE)
+    assert geom.contains(shapely.Point(centre)) and not geom.contains(shapely.Point(in_hole))
+    assert via_overpass.counts["building"]["skipped_invalid"] == 1  # the open ring
+
+    # the same relations read from a file by osmium's area assembler
+    via_osmium = harvest_osm(str(write_relations(tmp_path / "same.osm", "xml")), [BUILDING],
+                             WORLD)
+    assert via_osmium.counts == via_overpass.counts
+    assert shapely.equals(via_osmium.frames["building"].geometry.iloc[0], geom)
+
+
+def test_rings_sharing_an_edge_merge_and_split_rings_must_close() -> None:
+    from mapgap.tasks.overpass import ring_segments
+
+    left, right = square(0, 1), [(1, 0), (2, 0), (2, 1), (1, 1), (1, 0)]
+    segments = ring_segments([left, right])
+    assert segments is not None and ((1, 0), (1, 1)) not in segments  # the shared edge
+    assert shapely.build_area(shapely.multilinestrings(segments)).equals(box(0, 0, 2, 1))
+    assert ring_segments([OUTER[:3], OUTER[2:]]) is not None
+    assert ring_segments([OUTER[:3]]) is None  # an open ring
+    assert ring_segments([[(0, 0), (0, 0)]]) is None  # nothing left
 
 
 # --- the flow: one cached task per sub-box ---------------------------------------------

@@ -24,6 +24,7 @@ from mapgap.tasks.rasterize import (
     IGNORE,
     BatchFeatures,
     RasterSpec,
+    batch_id,
     burn,
     order_tiles,
     rasterize_tile,
@@ -236,6 +237,23 @@ def test_index_burns_exactly_what_burning_everything_would(tmp_path: Path) -> No
         assert np.array_equal(mask, brute)
 
 
+def test_stored_outputs_are_found_by_listing_on_s3(s3_bucket: str) -> None:
+    """A rerun learns which masks exist from one listing per folder, on S3 too."""
+    from mapgap.flows.harvest import _batch_outputs, _written
+
+    layout = RunLayout(f"{s3_bucket}/runs/x")
+    tiles = [TILE, Tile(TILE.x, TILE.y + 1, 16), Tile(TILE.x + 1, TILE.y, 16)]
+    for t in tiles[:2]:
+        storage.write_bytes(layout.mask(t), b"png")
+    storage.write_bytes(layout.signed_distance(tiles[0]), b"png")
+    storage.write_bytes(layout.mask_stats_part("b1"), b"{}")
+    written = _written(layout, TILE, signed_distance=True)
+    assert written == {layout.mask(tiles[0]), layout.mask(tiles[1]),
+                       layout.signed_distance(tiles[0]), layout.mask_stats_part("b1")}
+    assert all(storage.exists(u) for u in written)
+    assert not set(_batch_outputs(layout, tiles, signed_distance=True)) <= written
+
+
 # --- the flow -------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -254,7 +272,8 @@ def test_harvest_flow_end_to_end_and_rerun(tmp_path: Path) -> None:
              "tags": {"include": {"highway": ["primary", "secondary", "residential"]}}},
             {"name": "parking", "priority": 2, "tags": {"include": {"amenity": ["parking"]}}},
         ],
-        "labels": {"source": str(pbf), "edge_ignore_px": 1, "tiles_per_task": 4},
+        "labels": {"source": str(pbf), "edge_ignore_px": 1, "tiles_per_task": 4,
+                   "signed_distance": True},
         "imagery": {"source": "http://127.0.0.1:1/{z}/{x}/{y}.png"},
     }, "test", tmp_path)
     flow = configured(harvest_flow, cfg)
@@ -271,17 +290,27 @@ def test_harvest_flow_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert set(stats) == {grid.tile_key(t) for t in tiles}
     for t in tiles:
         assert set(np.unique(read_png(layout.mask(t)))) <= {0, 1, 2, 3, 255}
-    mtimes = {t: Path(layout.mask(t)).stat().st_mtime_ns for t in tiles}
+    batches = list(grid.iter_batches(order_tiles(tiles), cfg.labels.tiles_per_task))
+    assert len(batches) >= 3
+    written = {t: Path(layout.mask(t)).stat().st_mtime_ns for t in tiles}
 
-    # a rerun reuses every task: no mask is rewritten
-    assert flow(cfg) == summary
-    assert all(Path(layout.mask(t)).stat().st_mtime_ns == m for t, m in mtimes.items())
+    def rerun_rewrites() -> set[Tile]:
+        """Reruns the flow; the tiles whose mask it wrote again."""
+        assert flow(cfg) == summary
+        again = {t: Path(layout.mask(t)).stat().st_mtime_ns for t in tiles}
+        changed = {t for t in tiles if again[t] != written[t]}
+        written.update(again)
+        return changed
 
-    # a deleted output is redone, and only its batch
+    assert rerun_rewrites() == set()  # a rerun reuses every task
+    # a deleted output is redone, and only its batch: labels, stats part, mask, distance
     storage.remove(layout.labels("road"))
-    part = sorted(Path(layout.mask_stats_part("x")).parent.glob("*.json"))[0]
+    part = Path(layout.mask_stats_part(batch_id([grid.tile_key(t) for t in batches[0]])))
     part.unlink()
-    assert flow(cfg) == summary
+    assert rerun_rewrites() == set(batches[0])
     assert Path(layout.labels("road")).exists() and part.exists()
-    rewritten = [t for t in tiles if Path(layout.mask(t)).stat().st_mtime_ns != mtimes[t]]
-    assert 0 < len(rewritten) <= cfg.labels.tiles_per_task
+    mask, sdt = Path(layout.mask(batches[1][0])), Path(layout.signed_distance(batches[2][-1]))
+    mask.unlink()
+    sdt.unlink()
+    assert rerun_rewrites() == set(batches[1]) | set(batches[2])
+    assert mask.exists() and sdt.exists()

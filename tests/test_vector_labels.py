@@ -3,17 +3,24 @@ class column or one file per class, any CRS, through the shared class logic."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import geopandas as gpd
 import pytest
 import shapely
+from pydantic import ValidationError
 from shapely.geometry import LineString, Polygon, box
 
-from mapgap import grid
-from mapgap.conf.labels import ClassSpec
+from mapgap import grid, storage
+from mapgap.conf.labels import ClassSpec, LabelsConfig
+from mapgap.tasks.labels import source_fingerprint
 from mapgap.tasks.vector_labels import VectorLabelError, harvest_vector, read_vector
 
 try:
@@ -160,8 +167,6 @@ def test_reprojection_is_exact_enough_for_tiles() -> None:
 
 
 def test_source_fingerprint_follows_the_files(tmp_path: Path) -> None:
-    from mapgap.tasks.labels import source_fingerprint
-
     (tmp_path / "building.geojson").write_text("{}")
     one = source_fingerprint(str(tmp_path / "building.geojson"))
     folder = source_fingerprint(str(tmp_path))
@@ -172,6 +177,64 @@ def test_source_fingerprint_follows_the_files(tmp_path: Path) -> None:
     (tmp_path / "road.geojson").write_text("{}")
     assert source_fingerprint(str(tmp_path / "{class}.geojson"), ["building", "road"]) not in (
         template, source_fingerprint(str(tmp_path / "{class}.geojson"), ["building"]))
+
+
+@pytest.mark.parametrize(("source", "kind"), [
+    ("https://example.org/labels.geojson", "vector"),
+    ("https://example.org/x/Labels.GPKG?token=1", "vector"),
+    ("http://example.org/{class}.parquet", "vector"),
+    ("https://example.org/extract.osm.pbf", "osm"),
+    ("s3://bucket/extract.osm.bz2", "osm"),
+    ("https://overpass-api.de/api/interpreter", "overpass"),
+    ("s3://bucket/labels", "vector"),
+])
+def test_the_source_kind_follows_the_suffix_before_the_scheme(source: str, kind: str) -> None:
+    assert LabelsConfig(source=source).kind == kind
+
+
+def test_an_unsupported_scheme_is_a_config_error() -> None:
+    with pytest.raises(ValidationError, match="unsupported URI scheme: gs://b/labels.geojson"):
+        LabelsConfig(source="gs://b/labels.geojson")
+
+
+@pytest.fixture()
+def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on 127.0.0.1: (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=root))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_vector_file_over_http(http_dir: tuple[Path, str]) -> None:
+    root, base = http_dir
+    local = shared_path("kampala/labels.geojson")
+    shutil.copy(local, root / "labels.geojson")
+    url = f"{base}/labels.geojson"
+    assert LabelsConfig(source=url).kind == "vector"
+    remote = harvest_vector(url, [BUILDING], "class", WORLD)
+    same = harvest_vector(str(local), [BUILDING], "class", WORLD)
+    assert len(remote.frames["building"]) == 206
+    assert remote.frames["building"].equals(same.frames["building"])
+    before = source_fingerprint(url)
+    gpd.read_file(local).head(10).to_file(root / "labels.geojson", driver="GeoJSON")
+    assert source_fingerprint(url) != before  # a replaced file is harvested again
+    assert len(harvest_vector(url, [BUILDING], "class", WORLD).frames["building"]) == 10
+    missing = f"{base}/nothing.geojson"
+    with pytest.raises(storage.StorageError) as err:
+        harvest_vector(missing, [BUILDING], "class", WORLD)
+    assert str(err.value) == f"{missing}: no such file"
 
 
 @pytest.mark.slow
