@@ -2,18 +2,29 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU build, installed from local disk here; GPU users: see README ("GPU").
+# CPU build, installed from local disk here. GPU: one requirement in TORCH_SPEC and
+# PyTorch's CUDA wheel index in TORCH_INDEX_URL (see README, "GPU").
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+TORCH_ARGS := "$(TORCH_SPEC)"$(if $(TORCH_INDEX_URL), --index-url "$(TORCH_INDEX_URL)")
+# Holds the torch arguments last installed: changing them re-installs torch.
+TORCH_STAMP := $(VENV)/.torch
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+# Always checked, only rewritten when the arguments differ from the recorded ones.
+$(TORCH_STAMP): $(BIN)/python FORCE
+	@echo '$(TORCH_ARGS)' | cmp -s - $@ || { \
+	  echo '$(BIN)/pip install --quiet $(TORCH_ARGS)'; \
+	  $(BIN)/pip install --quiet $(TORCH_ARGS) && echo '$(TORCH_ARGS)' > $@; }
+
+# Torch first (order-only), so that mapgap's `torch>=2.4` is already satisfied.
+$(STAMP): $(BIN)/python pyproject.toml | $(TORCH_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -25,6 +25,7 @@ from mapgap.conf.mining import MiningConfig
 from mapgap.conf.training import PackConfig, TrainConfig
 
 MAX_LAT = 85.0511287798  # web-mercator limit
+AOI_FORMS = "expected 4 numbers [west, south, east, north] or a GeoJSON file path"
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,17 @@ class PipelineConfig(Strict):
     inference: InferenceConfig = InferenceConfig()
     dedup: DedupConfig = DedupConfig()
     runner: RunnerConfig = RunnerConfig()
+
+    @field_validator("aoi", mode="before")
+    @classmethod
+    def _aoi_form(cls, v: Any) -> Any:
+        # Checked before the union so a wrong shape gets one readable message,
+        # not one error per union member.
+        is_number = [isinstance(x, int | float) and not isinstance(x, bool) for x in v] \
+            if isinstance(v, list | tuple) else []
+        if isinstance(v, str) or (len(is_number) == 4 and all(is_number)):
+            return v
+        raise ValueError(f"{AOI_FORMS}, got {v!r}"[:160])
 
     @field_validator("aoi")
     @classmethod

@@ -22,13 +22,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. conf/demo.yaml")]
+ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. conf/kampala.yaml")]
 
 # stage command -> (flow module, flow function, one-line help)
 STAGES: dict[str, tuple[str, str, str]] = {
     "harvest": ("mapgap.flows.harvest", "harvest_flow", "Harvest OSM labels per class."),
     "fetch": ("mapgap.flows.fetch", "fetch_flow", "Fetch imagery onto the tile grid."),
-    "pack": ("mapgap.flows.pack", "pack_flow", "Rasterize masks and pack WebDataset shards."),
+    "pack": ("mapgap.flows.pack", "pack_flow", "Pack imagery + harvested masks into shards."),
     "train": ("mapgap.flows.train", "train_flow", "Train the model, tracked in MLflow."),
     "mine": ("mapgap.flows.mine", "mine_flow", "Hard-negative mining rounds."),
     "predict": ("mapgap.flows.predict", "predict_flow", "Batch inference + polygons."),
@@ -48,7 +48,17 @@ def load(config: Path, overrides: dict[str, Any] | None = None) -> Any:
     try:
         return load_config(config, overrides)
     except ConfigError as err:
-        fail(str(err))
+        fail(str(err) + _demo_template_hint(config))
+
+
+def _demo_template_hint(config: Path) -> str:
+    """conf/demo.yaml lacks aoi and sources on purpose: say where the full one is."""
+    from mapgap.demo import DEMO_YAML
+
+    if config.resolve() != DEMO_YAML:
+        return ""
+    return (" -- conf/demo.yaml is a template filled in by `mapgap demo`,"
+            " which writes the complete demo-out/demo.yaml")
 
 
 def is_input_error(err: BaseException) -> bool:

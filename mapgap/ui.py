@@ -6,8 +6,10 @@ server started here reads the same database and shows every past run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,29 +45,56 @@ def _tool(name: str) -> str:
     return shutil.which(name, path=str(Path(sys.executable).parent)) or name
 
 
+def _start(args: list[str], **env: str) -> subprocess.Popen:
+    """A server in its own process group, so that stopping it stops its workers too.
+
+    ``env`` holds defaults; the user's environment wins over them.
+    """
+    return subprocess.Popen(args, env={**env, **os.environ}, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process group; SIGKILL what is still up after 20 s."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short
+        signal.signal(sig, signal.SIG_IGN)
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # also workers their leader left behind
+        p.wait()
+
+
 def serve_uis(prefect_port: int, mlflow_port: int, tracking_uri: str | None) -> None:
+    """Run both UIs until Ctrl-C or SIGTERM (or until one of them exits)."""
     tracking_uri = tracking_uri or default_tracking_uri()
-    env = dict(os.environ)
-    procs = [
-        subprocess.Popen([_tool("prefect"), "server", "start", "--host", "127.0.0.1",
-                          "--port", str(prefect_port)], env=env),
-        subprocess.Popen([_tool("mlflow"), "ui", "--backend-store-uri", tracking_uri,
-                          "--host", "127.0.0.1", "--port", str(mlflow_port)], env=env),
-    ]
+    # `kill` and process managers send SIGTERM: stop the servers as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     urls = (f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}")
+    procs: list[subprocess.Popen] = []
     try:
+        procs.append(_start([_tool("prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(prefect_port)]))
+        # One viewer needs one worker, and no job runner (MLflow's GenAI jobs): both
+        # default to 4-11 processes that a small machine would feel.
+        procs.append(_start([_tool("mlflow"), "ui", "--backend-store-uri", tracking_uri,
+                             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+                            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
         _wait_until_up(urls[0] + "/api/health", procs[0])
         _wait_until_up(urls[1], procs[1])
         print(f"Prefect UI: {urls[0]}")
         print(f"MLflow UI:  {urls[1]}  (store: {tracking_uri})")
         print("To send new runs to this server: export PREFECT_API_URL=" + urls[0] + "/api")
-        print("Ctrl-C stops both.")
+        print("Ctrl-C stops both.", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(1)
+        gone = next(p for p in procs if p.poll() is not None)
+        raise SystemExit(f"error: {gone.args[0]} exited with code {gone.returncode}")
     except KeyboardInterrupt:
         pass
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=20)
+        _stop(procs)

@@ -68,6 +68,15 @@ def test_minimal_config_loads_and_resolves_paths(tmp_path: Path) -> None:
         (with_(classes=[]), "classes", "at least 1"),
         (with_(classes__0__name="Build.ing"), "classes[0].name", "pattern"),
         (with_(classes__0__geometry="line"), "classes[0]", "need width_m"),
+        # YAML booleans are not numbers (pydantic alone would read `true` as 1).
+        (with_(zoom=True), "zoom", "expected a number, got true"),
+        (with_(train__epochs=False), "train.epochs", "expected a number, got false"),
+        (with_(inference__threshold=True), "inference.threshold", "expected a number, got true"),
+        (with_(imagery__bands=[1, True, 3]), "imagery.bands", "expected a number, got true"),
+        (with_(classes__0__widths_m={"primary": True}), "classes[0].widths_m", "got true"),
+        (with_(aoi=[1, 2, 3]), "aoi", "expected 4 numbers [west, south, east, north] or a GeoJSON"),
+        (with_(aoi=[0, 0, True, 1]), "aoi", "expected 4 numbers"),
+        (with_(aoi={"west": 0}), "aoi", "expected 4 numbers"),
     ],
 )
 def test_bad_config_is_one_line_naming_field(
@@ -104,15 +113,27 @@ def test_aoi_from_geojson(tmp_path: Path) -> None:
     assert cfg.aoi_geometry.area == pytest.approx(0.5)
 
 
-def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
-    path = write(tmp_path, with_(zoom=30))
+def cli_error(config: Path) -> str:
+    """The one stderr line of a stage run on a bad config (and exit code 2)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "mapgap.cli", "harvest", str(path)],
+        [sys.executable, "-m", "mapgap.cli", "harvest", str(config)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: zoom:")
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, with_(zoom=30))
+    assert cli_error(path).startswith(f"error: {path}: zoom:")
+
+
+def test_cli_on_demo_template_says_mapgap_demo_fills_it() -> None:
+    line = cli_error(REPO / "conf" / "demo.yaml")
+    assert ": aoi: required field is missing" in line
+    assert "filled in by `mapgap demo`" in line and "demo-out/demo.yaml" in line
 
 
 def test_kampala_config_validates() -> None:
@@ -125,11 +146,16 @@ def test_kampala_config_validates() -> None:
 def test_demo_config_validates_with_generated_sources(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from mapgap.demo import demo_config
+    from mapgap.demo import demo_config, write_resolved_config
 
     pbf = tmp_path / "town.osm.pbf"
     pbf.write_bytes(b"")
-    scene = SimpleNamespace(bbox=(32.59, 0.34, 32.60, 0.35), zoom=18, pbf=pbf)
+    complete = tmp_path / "complete_areas.geojson"
+    complete.write_text('{"type": "FeatureCollection", "features": []}')
+    scene = SimpleNamespace(bbox=(32.59, 0.34, 32.60, 0.35), zoom=18, pbf=pbf,
+                            complete_areas=complete)
     cfg = demo_config(scene, "http://127.0.0.1:8000/{z}/{x}/{y}.png", tmp_path)
     assert [c.name for c in cfg.classes] == ["building", "road", "parking"]
     assert cfg.run_uri == str(tmp_path / "runs" / "demo")
+    write_resolved_config(cfg, tmp_path / "demo.yaml")  # what stages rerun by hand read
+    assert load_config(tmp_path / "demo.yaml") == cfg
