@@ -56,14 +56,56 @@ def pipeline_flow(
     return summary
 
 
+REVIEW_FILES = ("candidates.geojson", "candidates.osm", "unsupported_osm.geojson",
+                "quality_grid.geojson", "report.json", "review.html")
+
+
+def flat_scalars(result: Any, prefix: str = "") -> dict[str, Any]:
+    """A stage's summary as dotted keys -> numbers and strings (lists are counted)."""
+    out: dict[str, Any] = {}
+    for key, value in (result or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_scalars(value, name + "."))
+        elif isinstance(value, list):
+            out[name + " (count)"] = len(value)
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+    return out
+
+
+def mlflow_lines(cfg: PipelineConfig, summary: dict[str, Any]) -> list[str]:
+    """Where the run's models and metrics are in MLflow, and how to open them."""
+    from mapgap import tracking
+
+    uri = tracking.tracking_uri(cfg)
+    runs = {"train": (summary.get("train") or {}).get("run_id"),
+            "mining (parent)": (summary.get("mine") or {}).get("parent_run_id")}
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    lines = [f"Tracking store: `{uri}`" + ("" if uri.startswith("http") else
+                                           " (open it with `mapgap ui`)"), ""]
+    exp = tracking.client(uri).get_experiment_by_name(tracking.experiment_name(cfg))
+    for what, run_id in runs.items():
+        if run_id and exp is not None:
+            lines.append(f"- {what}: [{run_id}]({base}/#/experiments/{exp.experiment_id}"
+                         f"/runs/{run_id})")
+    model = (summary.get("predict") or {}).get("model")
+    if model:
+        lines.append(f"- predictions made with `{model}`")
+    return lines
+
+
 def publish_run_artifacts(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
-    """What a person checks in the Prefect UI: counts per stage, where the
-    outputs are, the fetch failures, a link to the review map."""
+    """What a person checks in the Prefect UI: counts per stage, the MLflow runs,
+    where the outputs are, the fetch failures, a link to the review map."""
     layout = RunLayout(cfg.run_uri)
     lines = [f"# mapgap run `{cfg.name}`", "", f"Run dir: `{cfg.run_uri}`", ""]
     for stage, result in summary.items():
-        flat = {k: v for k, v in (result or {}).items() if isinstance(v, int | float | str)}
-        lines += [f"## {stage}", "", markdown_table([flat]) if flat else "_no summary_", ""]
+        rows = [{"key": k, "value": v} for k, v in flat_scalars(result).items()]
+        lines += [f"## {stage}", "", markdown_table(rows) if rows else "_no summary_", ""]
+    lines += ["## MLflow", "", *mlflow_lines(cfg, summary), ""]
+    outputs = [layout.output(f) for f in REVIEW_FILES if storage.exists(layout.output(f))]
+    lines += ["## Outputs", "", *([f"- `{uri}`" for uri in outputs] or ["_none yet_"]), ""]
     publish_markdown(f"{cfg.name}-summary", "\n".join(lines), "Counts per stage and outputs")
     if storage.exists(layout.fetch_report):
         report = storage.read_json(layout.fetch_report)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import shapely
 
+from mapgap import storage
 from mapgap.layout import RunLayout
 from mapgap.tasks.geometry import metric_crs_for, polygonal, to_metric
 
@@ -89,11 +90,12 @@ def read_polygons(path: Path | str) -> tuple[np.ndarray, np.ndarray | None]:
     """(lon/lat polygons, scores or None) of a vector file (GeoJSON, GPKG, ...)."""
     import geopandas as gpd
 
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such file")
+    path = str(path)  # a local path or a URI (a run dir on S3)
     try:
-        frame = gpd.read_file(path)
+        with storage.local_file(path) as local:
+            frame = gpd.read_file(local)
+    except storage.StorageError:
+        raise EvaluationError(f"{path}: no such file") from None
     except Exception as err:  # noqa: BLE001 - GDAL raises many types; one line names the file
         raise EvaluationError(f"{path}: not a readable vector file ({str(err)[:160]})") from None
     if frame.crs is not None and not frame.crs.equals("EPSG:4326"):

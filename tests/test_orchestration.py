@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from prefect import flow
 
-from mapgap import orchestration, storage
+from mapgap import orchestration, storage, tracking
 from mapgap.orchestration import code_version, configured, stage_task
 
 CALLS: list[str] = []
@@ -106,12 +106,18 @@ def test_run_artifacts_show_in_prefect(tmp_path: Path) -> None:
     failure = {"tile": "z18_1_2", "reason": "HTTP 500"}
     storage.write_json(layout.fetch_report, {"failures": [failure], "missing": []})
     storage.write_text(layout.output("review.html"), "<html></html>")
-    flow(lambda: publish_run_artifacts(cfg, {"fetch": {"fetched": 3, "failed": 1}}),
-         name="artifacts")()
+    experiment = tracking.ensure_experiment(cfg)
+    summary = {"fetch": {"fetched": 3, "failed": 1}, "train": {"run_id": "abc123"},
+               "dedup": {"classes": {"building": {"candidates": 7}}, "outputs": ["x", "y"]}}
+    flow(lambda: publish_run_artifacts(cfg, summary), name="artifacts")()
     with get_client(sync_client=True) as client:
         arts = {a.key: a for a in client.read_artifacts() if a.key and a.key.startswith("t-")}
     assert set(arts) == {"t-summary", "t-fetch-failures", "t-review"}
-    assert "| fetched | 3 |" in arts["t-summary"].data
-    assert "| failed | 1 |" in arts["t-summary"].data
+    text = arts["t-summary"].data
+    assert "| fetched | 3 |" in text and "| failed | 1 |" in text
+    # Nested counts flattened, lists counted, the MLflow run linked, outputs listed.
+    assert "| classes.building.candidates | 7 |" in text and "| outputs (count) | 2 |" in text
+    assert f"(http://127.0.0.1:5000/#/experiments/{experiment}/runs/abc123)" in text
+    assert f"- `{layout.output('review.html')}`" in text
     assert "z18_1_2" in str(arts["t-fetch-failures"].data)
     assert arts["t-review"].data.startswith("[review.html](file://")
