@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,8 @@ import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from mapgap.conf.base import Strict, is_uri, resolve_path
+
+_TILE_KEY = re.compile(r"^z\d+_\d+_\d+$")
 
 TagValues = list[str] | Literal["*"]
 OSM_SUFFIXES = (".pbf", ".osm", ".osm.bz2", ".osm.gz")
@@ -88,12 +91,29 @@ class LabelsConfig(Strict):
     signed_distance_clip_px: int = Field(default=16, ge=1)
     # Tiles rasterized per Prefect task.
     tiles_per_task: int = Field(default=512, ge=1)
+    # Where OSM is complete (see mapgap.tasks.complete_areas): a GeoJSON file of
+    # polygons, or tile keys z{z}_{x}_{y}. Outside them background is "ignore" in
+    # the masks, and hard-negative mining only mines inside them.
+    complete_areas: str | list[str] | None = None
 
     @field_validator("source")
     @classmethod
     def _resolve(cls, v: str, info: ValidationInfo) -> str:
         source_kind(v)  # an unsupported scheme is a config error, not a late surprise
         return resolve_path(v, info, must_exist="{class}" not in v)
+
+    @field_validator("complete_areas")
+    @classmethod
+    def _areas(cls, v: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        if isinstance(v, str):
+            return resolve_path(v, info)
+        if v is not None:
+            bad = [k for k in v if not _TILE_KEY.match(k)]
+            if bad:
+                raise ValueError(f"not a tile key (expected z<z>_<x>_<y>): {bad[0]!r}")
+            if not v:
+                raise ValueError("an empty tile list: no area where OSM is complete")
+        return v
 
     @property
     def kind(self) -> Literal["osm", "overpass", "vector"]:

@@ -39,8 +39,8 @@ def pool_inputs_digest(cfg: PipelineConfig) -> str:
     """Content of what decides the pool: new masks, imagery or areas -> new pool."""
     layout = RunLayout(cfg.run_uri)
     uris = [layout.mask_stats]
-    if isinstance(cfg.mining.complete_areas, str):
-        uris.append(cfg.mining.complete_areas)
+    if isinstance(cfg.labels.complete_areas, str):
+        uris.append(cfg.labels.complete_areas)
     versions = stored_tiles(layout.images, cfg.zoom)
     return storage.fingerprint(uris) + imagery_digest(list(versions), versions)
 

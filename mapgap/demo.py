@@ -26,10 +26,9 @@ def demo_overrides(scene: Any, tile_url: str, out: Path) -> dict[str, Any]:
         "storage": {"root": str(out)},
         "aoi": list(scene.bbox),
         "zoom": scene.zoom,
-        "labels": {"source": str(scene.pbf)},
-        "imagery": {"source": tile_url},
         # The scene knows which tiles are fully mapped (its validated tasks).
-        "mining": {"complete_areas": str(scene.complete_areas)},
+        "labels": {"source": str(scene.pbf), "complete_areas": str(scene.complete_areas)},
+        "imagery": {"source": tile_url},
     }
 
 

@@ -47,17 +47,16 @@ from mapgap.models.inference import MODEL_FILE, read_checkpoint
 from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger, track
 from mapgap.tasks import train as training
+from mapgap.tasks.complete_areas import burn, trusted_pixels
 from mapgap.tasks.geometry import project
 from mapgap.tasks.labels import read_labels
 from mapgap.tasks.mining_pool import MiningError, complete_area
 from mapgap.tasks.mistakes import (
     Mistake,
-    burn,
     centred_offset,
     false_positives,
     find_mistakes,
     negative_mask,
-    trusted_pixels,
 )
 from mapgap.tasks.neighbourhood import TileCache, row_major, with_margin
 from mapgap.tasks.pack import (

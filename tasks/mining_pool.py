@@ -3,8 +3,9 @@
 A confident prediction with no OSM label is only a *mistake* where OSM is
 complete; in an unmapped area it may be a real missing building - exactly what
 mapgap exists to find - and teaching the model it is background would make it
-blind to it. So the pool is ``mining.complete_areas`` (GeoJSON polygons, or tile
-keys where a coarser tile stands for its children) or, without it, the tiles
+blind to it. So the pool is ``labels.complete_areas`` (GeoJSON polygons, or tile
+keys where a coarser tile stands for its children; see
+:mod:`mapgap.tasks.complete_areas`) or, without it, the tiles
 whose OSM feature density is at or above ``mining.density_percentile`` of the AOI
 (a tile without any feature is never trusted). Pixels of a pool tile outside the
 GeoJSON areas are untrusted ("ignore" in negatives, not counted as errors).
@@ -25,10 +26,10 @@ import numpy as np
 import shapely
 
 from mapgap import grid, storage
-from mapgap.conf.schema import read_aoi_file
 from mapgap.layout import RunLayout
 from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger
+from mapgap.tasks.complete_areas import area_geometry, has_trusted_pixel, listed_tiles
 from mapgap.tasks.predict import stored_tiles
 from mapgap.tasks.shards import trained_classes
 
@@ -39,35 +40,11 @@ class MiningError(ValueError):
 
 def complete_area(cfg: Any) -> shapely.Geometry | None:
     """The GeoJSON complete areas in EPSG:3857, or None (tile list or density rule)."""
-    if not isinstance(cfg.mining.complete_areas, str):
-        return None
-    geom = read_aoi_file(cfg.mining.complete_areas)
-    return grid.reproject(geom, grid.WGS84, grid.WEB_MERCATOR)
-
-
-def listed_tiles(keys: Sequence[str], zoom: int) -> set[str]:
-    """Tile keys at the run's zoom; a coarser tile stands for all its children."""
-    out: set[str] = set()
-    for key in keys:
-        tile = grid.parse_tile_key(key)
-        if tile.z > zoom:
-            raise MiningError(f"mining.complete_areas: tile {key} is finer than the run's "
-                              f"zoom {zoom}")
-        out.update(grid.tile_key(t) for t in ([tile] if tile.z == zoom
-                                             else grid.children(tile, zoom)))
-    return out
+    return area_geometry(cfg.labels.complete_areas)
 
 
 def tile_area_km2(key: str, size: int) -> float:
     return (grid.metres_per_pixel(grid.parse_tile_key(key), size) * size) ** 2 / 1e6
-
-
-def has_trusted_pixel(area: shapely.Geometry, key: str, size: int) -> bool:
-    """At least a pixel's worth of the tile in the area (not just touching its edge)."""
-    left, bottom, right, top = grid.tile_xy_bounds(grid.parse_tile_key(key))
-    tile_box = shapely.box(left, bottom, right, top)
-    return area.intersects(tile_box) and (
-        area.intersection(tile_box).area >= ((right - left) / size) ** 2)
 
 
 def dense_tiles(stats: dict[str, Any], keys: Sequence[str], classes: Sequence[str],
@@ -129,13 +106,13 @@ def select_pool(cfg: Any, val_shards: Sequence[str]) -> dict[str, Any]:
     images = {grid.tile_key(t) for t in stored_tiles(layout.images, cfg.zoom)}
     aoi = [grid.tile_key(t) for t in grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom)]
     available = [k for k in aoi if k in stats and k in images]
-    m = cfg.mining
+    m, areas = cfg.mining, cfg.labels.complete_areas
     info: dict[str, Any] = {}
-    if isinstance(m.complete_areas, list):
-        rule, listed = "tile list", listed_tiles(m.complete_areas, cfg.zoom)
+    if isinstance(areas, list):
+        rule, listed = "tile list", listed_tiles(areas, cfg.zoom)
         pool = [k for k in available if k in listed]
-    elif isinstance(m.complete_areas, str):
-        rule, area = f"areas in {m.complete_areas}", complete_area(cfg)
+    elif isinstance(areas, str):
+        rule, area = f"areas in {areas}", complete_area(cfg)
         pool = [k for k in available if has_trusted_pixel(area, k, cfg.tile_size)]
     else:
         rule = f"OSM feature density >= percentile {m.density_percentile:g}"

@@ -14,8 +14,6 @@ from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
-import rasterio.features
-import shapely
 from scipy import ndimage
 
 from mapgap import grid
@@ -40,27 +38,6 @@ class Mistake:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mistake:
         return cls(**{**d, "bbox": tuple(d["bbox"])})
-
-
-def burn(geoms: np.ndarray, tile: Tile, size: int, all_touched: bool) -> np.ndarray:
-    """Bool [size, size]: pixels covered by EPSG:3857 geometries (``all_touched``:
-    every pixel a geometry touches, i.e. "intersects")."""
-    geoms = [g for g in geoms if not g.is_empty]
-    if not geoms:
-        return np.zeros((size, size), bool)
-    return rasterio.features.rasterize(
-        geoms, out_shape=(size, size), transform=grid.tile_transform(tile, size),
-        all_touched=all_touched, fill=0, default_value=1, dtype="uint8").astype(bool)
-
-
-def trusted_pixels(area: shapely.Geometry | None, tile: Tile, size: int) -> np.ndarray | None:
-    """Where OSM is complete on this tile (EPSG:3857 area): None = the whole tile."""
-    if area is None:
-        return None
-    tile_box = shapely.box(*grid.tile_xy_bounds(tile))
-    if area.contains(tile_box):
-        return None
-    return burn(np.array([area.intersection(tile_box)], dtype=object), tile, size, False)
 
 
 class Groups(NamedTuple):

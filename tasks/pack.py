@@ -215,10 +215,14 @@ def scan_tiles(spec: PackSpec, tiles: list[Tile]) -> dict[str, Any]:
             if not storage.exists(spec.layout.image(tile)):
                 raise SkipTile("missing_image", f"{spec.layout.image(tile)}: no such file")
             mask, _ = read_mask(spec, tile)
+            counts = pixel_counts(spec, mask)
+            if counts["ignore"] == mask.size:
+                raise SkipTile("all_ignore", f"{spec.layout.mask(tile)}: every pixel is "
+                                             "'ignore' (outside labels.complete_areas)")
         except SkipTile as skip:
             skips.add(skip.reason, str(skip))
             continue
-        pixels[grid.tile_key(tile)] = pixel_counts(spec, mask)
+        pixels[grid.tile_key(tile)] = counts
     return {"pixels": pixels, "skipped": skips.to_dict()}
 
 

@@ -6,8 +6,10 @@ Mask values (the contract with packing and training):
 * ``i + 1``: the class at index ``i`` of ``cfg.classes``; where classes overlap
   the higher ``priority`` wins (classes are drawn in list order, stably sorted
   by priority, so for equal priorities the later class in the list wins);
-* ``255``: ignore, only with ``labels.edge_ignore_px = N > 0``: every pixel a
-  feature's outline passes through, grown by ``N - 1`` pixels.
+* ``255``: ignore: with ``labels.edge_ignore_px = N > 0``, every pixel a
+  feature's outline passes through, grown by ``N - 1`` pixels; with
+  ``labels.complete_areas``, background outside them (OSM may lack what is
+  there: see :mod:`mapgap.tasks.complete_areas`).
 
 Every tile of the AOI gets a mask, all-background ones included (negatives).
 Per tile the stats record the number of features touching it and the
@@ -43,6 +45,7 @@ from mapgap.grid import Tile
 from mapgap.layout import RunLayout
 from mapgap.orchestration import stage_task
 from mapgap.progress import track
+from mapgap.tasks.complete_areas import CompleteAreas
 from mapgap.tasks.geometry import project
 from mapgap.tasks.labels import read_labels
 
@@ -60,9 +63,13 @@ class RasterSpec:
     edge_ignore_px: int = 0
     signed_distance: bool = False
     signed_distance_clip_px: int = 16
+    zoom: int = 0
+    complete_areas: str | tuple[str, ...] | None = None
+    complete_areas_digest: str = ""  # the file's content: new areas -> new masks
 
     @classmethod
     def from_config(cls, cfg: Any) -> RasterSpec:
+        areas = cfg.labels.complete_areas
         return cls(
             classes=tuple(c.name for c in cfg.classes),
             priorities=tuple(c.priority for c in cfg.classes),
@@ -70,6 +77,9 @@ class RasterSpec:
             edge_ignore_px=cfg.labels.edge_ignore_px,
             signed_distance=cfg.labels.signed_distance,
             signed_distance_clip_px=cfg.labels.signed_distance_clip_px,
+            zoom=cfg.zoom,
+            complete_areas=tuple(areas) if isinstance(areas, list) else areas,
+            complete_areas_digest=storage.fingerprint([areas]) if isinstance(areas, str) else "",
         )
 
     @property
@@ -86,7 +96,7 @@ class RasterSpec:
     @property
     def values(self) -> dict[str, int]:
         out = {"background": 0, **{c: i + 1 for i, c in enumerate(self.classes)}}
-        if self.edge_ignore_px:
+        if self.edge_ignore_px or self.complete_areas:
             out["ignore"] = IGNORE
         return out
 
@@ -169,7 +179,8 @@ class BatchFeatures:
         return cls(geoms, np.concatenate(values), shapely.STRtree(geoms))
 
 
-def rasterize_tile(feats: BatchFeatures, tile: Tile, spec: RasterSpec
+def rasterize_tile(feats: BatchFeatures, tile: Tile, spec: RasterSpec,
+                   complete: CompleteAreas | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """(mask, signed distance or None, stats) for one tile."""
     size, pad = spec.tile_size, spec.pad_px
@@ -204,6 +215,11 @@ def rasterize_tile(feats: BatchFeatures, tile: Tile, spec: RasterSpec
         band = edge_band(outlines, transform, full.shape, spec.edge_ignore_px)[crop]
         mask[band] = IGNORE
         stats["ignore"] = round(float(band.mean()), 6)
+    trusted = complete.trusted(tile, size) if complete is not None else None
+    if trusted is not None:
+        untrusted = ~trusted & (mask == 0)
+        mask[untrusted] = IGNORE
+        stats["untrusted"] = round(float(untrusted.mean()), 6)
     sdt = None
     if spec.signed_distance:
         sdt = signed_distance(full > 0, spec.signed_distance_clip_px)[crop]
@@ -233,10 +249,11 @@ def rasterize_tiles(layout: RunLayout, tiles: list[Tile], labels: dict[str, str]
     # (Idempotent: an identical filter replaces itself.)
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning,
                             module="rasterio.features")
+    complete = CompleteAreas(spec.complete_areas, spec.zoom) if spec.complete_areas else None
     out = {}
     with rasterio.Env():  # one GDAL environment, not one per rasterize() call
         for tile in track(tiles, len(tiles), "masks"):
-            mask, sdt, stats = rasterize_tile(feats, tile, spec)
+            mask, sdt, stats = rasterize_tile(feats, tile, spec, complete)
             storage.write_bytes(layout.mask(tile), png(mask))
             if sdt is not None:
                 storage.write_bytes(layout.signed_distance(tile), png(sdt))

@@ -22,14 +22,14 @@ import shapely
 from mapgap import grid, storage
 from mapgap.conf.schema import ConfigError
 from mapgap.layout import RunLayout
-from mapgap.tasks import mining, mining_pool
+from mapgap.tasks import complete_areas, mining, mining_pool
+from mapgap.tasks.complete_areas import trusted_pixels
 from mapgap.tasks.mistakes import (
     Mistake,
     centred_offset,
     false_positives,
     find_mistakes,
     negative_mask,
-    trusted_pixels,
 )
 from mapgap.tasks.shards import IGNORE
 
@@ -139,7 +139,8 @@ def tiles_block(n: int) -> list[grid.Tile]:
     return [grid.Tile(TILE.x + dx, TILE.y + dy, 18) for dy in range(n) for dx in range(n)]
 
 
-def pool_config(tmp_path: Path, n: int = 4, **mining_cfg: Any) -> Any:
+def pool_config(tmp_path: Path, n: int = 4, complete_areas: Any = None, **mining_cfg: Any
+                ) -> Any:
     """A run dir with n x n tiles of imagery + mask stats (feature count = column)."""
     from mapgap.conf import validate_config
 
@@ -150,7 +151,7 @@ def pool_config(tmp_path: Path, n: int = 4, **mining_cfg: Any) -> Any:
     cfg = validate_config({
         "name": "pool", "storage": {"root": str(tmp_path / "out")}, "aoi": [w, s, e, north],
         "zoom": 18, "classes": [{"name": "building", "tags": {"include": {"building": "*"}}}],
-        "labels": {"source": "labels.geojson"},
+        "labels": {"source": "labels.geojson", "complete_areas": complete_areas},
         "imagery": {"source": "http://127.0.0.1:1/{z}/{x}/{y}.png"},
         "mining": mining_cfg}, "test", tmp_path)
     layout = RunLayout(cfg.run_uri)
@@ -174,10 +175,10 @@ def test_pool_from_a_tile_list_never_leaves_it(tmp_path: Path) -> None:
     assert len(pool["holdout"]) == 4 * len(blocks)
     # A coarser tile stands for its children; a finer one is an error.
     parent = grid.tile_key(grid.parent(tiles[0], 17))
-    assert mining_pool.listed_tiles([parent], 18) == {grid.tile_key(t) for t in
-                                                 grid.children(grid.parent(tiles[0], 17), 18)}
-    with pytest.raises(mining_pool.MiningError, match="finer than the run's zoom 18"):
-        mining_pool.listed_tiles(["z19_1_1"], 18)
+    assert complete_areas.listed_tiles([parent], 18) == {
+        grid.tile_key(t) for t in grid.children(grid.parent(tiles[0], 17), 18)}
+    with pytest.raises(complete_areas.CompleteAreaError, match="finer than the run's zoom 18"):
+        complete_areas.listed_tiles(["z19_1_1"], 18)
 
 
 def test_pool_from_geojson_areas_and_val_tiles_are_never_mined(tmp_path: Path) -> None:
@@ -228,7 +229,7 @@ def test_bad_complete_areas_are_one_line_config_errors(tmp_path: Path, areas: An
                                                        message: str) -> None:
     with pytest.raises(ConfigError) as err:
         pool_config(tmp_path, complete_areas=areas)
-    assert "mining.complete_areas" in str(err.value) and message in str(err.value)
+    assert "labels.complete_areas" in str(err.value) and message in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -495,7 +496,7 @@ def test_tiles_outside_a_complete_tile_list_never_give_negatives(mined: Any,
     listed = sorted(grid.tile_key(t) for t in aoi if t.x < west)
     data = mined.cfg.model_dump(mode="json")
     data["storage"]["root"] = str(root)
-    data["mining"]["complete_areas"] = listed
+    data["labels"]["complete_areas"] = listed
     cfg = type(mined.cfg).model_validate(data)
 
     base = mining.trained_base(mined.cfg)

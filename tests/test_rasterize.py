@@ -18,6 +18,7 @@ from mapgap import grid, storage
 from mapgap.conf.labels import ClassSpec
 from mapgap.grid import Tile
 from mapgap.layout import RunLayout
+from mapgap.tasks.complete_areas import CompleteAreas
 from mapgap.tasks.geometry import project
 from mapgap.tasks.labels import write_geoparquet
 from mapgap.tasks.rasterize import (
@@ -154,6 +155,35 @@ def test_ignore_band_follows_every_edge(tmp_path: Path) -> None:
         widths[n] = (mask[128, :] == IGNORE).sum() / 2  # band width across one edge
     assert widths[1] <= 2 and 4 <= widths[3] <= 6
     assert spec.values["ignore"] == IGNORE
+
+
+def test_background_outside_the_complete_areas_is_ignored(tmp_path: Path) -> None:
+    """OSM's buildings stay buildings everywhere; its empty background is only
+    trusted where mapping is complete (here the tile's left half, or a tile list)."""
+    import json
+
+    labels = scene(tmp_path, {"building": [pixel_box(TILE, 150, 20, 220, 80),
+                                           pixel_box(TILE, 20, 20, 80, 80)]})
+    half = tmp_path / "complete.geojson"
+    half.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {},
+        "geometry": shapely.geometry.mapping(pixel_box(TILE, 0, 0, 128, 256))}]}))
+    spec = RasterSpec(classes=("building",), priorities=(1,), zoom=TILE.z,
+                      complete_areas=str(half))
+    feats = BatchFeatures.load(labels, spec, grid.tile_bounds(TILE))
+    mask, _, stats = rasterize_tile(feats, TILE, spec, CompleteAreas(str(half), TILE.z))
+    assert mask[50, 50] == 1 and mask[200, 50] == 0  # trusted half: label and background
+    assert mask[50, 180] == 1 and mask[200, 200] == IGNORE  # untrusted: label kept
+    assert (mask[:, 130:] != 0).all() and (mask[:, :126] != IGNORE).all()
+    assert stats["untrusted"] == pytest.approx((mask == IGNORE).mean(), abs=1e-6)
+    assert spec.values["ignore"] == IGNORE
+    # A tile list: a listed tile is trusted whole, any other only where OSM has labels.
+    listed = CompleteAreas([grid.tile_key(TILE)], TILE.z)
+    whole, _, _ = rasterize_tile(feats, TILE, spec, listed)
+    assert set(np.unique(whole)) == {0, 1}
+    other = Tile(TILE.x + 1, TILE.y, TILE.z)
+    unlisted, _, _ = rasterize_tile(feats, other, spec, listed)
+    assert (unlisted == IGNORE).all()
 
 
 def test_edge_band_of_a_feature_just_outside_reaches_in(tmp_path: Path) -> None:
