@@ -13,7 +13,11 @@ the result is the median of the per-round ratios: on a shared machine, load
 drifts between rounds but hits both blocks of a round alike.
 
 Defaults are conf/demo.yaml's training (batch 8 x 128 px crops, U-Net width 8
-depth 3, one loader worker): the fastest steps we ship, so the loader's hardest case.
+depth 3: the fastest steps we ship, so the loader's hardest case) with one loader
+worker and the shipped decoded-sample cache (``train.decode_cache_mb``). The
+memory batches are collected from the loader first, so the cache is warm, as it
+is from a training's second epoch on; ``--cache-mb 0`` measures every epoch
+decoding again (the first epoch's cost).
 
     .venv/bin/python bench/train_loader.py [--steps 8] [--rounds 6] [--workers 1]
 Last line: loader_vs_memory=<loader steps/s / memory steps/s>  (goal >= 0.9)
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mapgap.conf.training import TrainConfig
 from mapgap.models.datamodule import ShardDataModule
 from mapgap.models.module import SegmentationModule
 from mapgap.tasks.shards import AtomicShardWriter, png_bytes, sample_dict
@@ -89,7 +94,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--depth", type=int, default=3)
-    ap.add_argument("--cache-mb", type=int, default=512,
+    ap.add_argument("--cache-mb", type=int, default=TrainConfig().decode_cache_mb,
                     help="decoded-sample cache per loader process (train.decode_cache_mb)")
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -120,7 +120,10 @@ def task_runner_for(runner: Any) -> Any:
         from prefect_ray import RayTaskRunner
     except ImportError:
         raise RuntimeError("runner.kind: ray needs the extra: pip install 'mapgap[ray]'") from None
-    return RayTaskRunner(address=runner.address) if runner.address else RayTaskRunner()
+    if runner.address:
+        return RayTaskRunner(address=runner.address)
+    # A local cluster for the flow run, as big as runner.workers (not every core).
+    return RayTaskRunner(init_kwargs={"num_cpus": runner.workers})
 
 
 def configured(flow_obj: Any, cfg: Any) -> Any:

@@ -253,6 +253,11 @@ def plan_split(spec: PackSpec, pixels: dict[str, dict[str, int]]) -> dict[str, A
         raise PackError(f"{spec.layout.shards}: no tile has both imagery and a valid mask")
     tiles = sorted(grid.parse_tile_key(k) for k in pixels)
     bz = block_zoom_for(tiles, spec.zoom, spec.split_zoom_offset, spec.val_fraction > 0)
+    if bz > max(spec.zoom - spec.split_zoom_offset, 0):
+        get_logger().warning(
+            "pack: the %d tiles fit in one block at zoom %d (pack.split_zoom_offset %d): "
+            "split blocks are zoom-%d tiles instead, so fewer neighbours share a split",
+            len(tiles), max(spec.zoom - spec.split_zoom_offset, 0), spec.split_zoom_offset, bz)
     blocks: dict[str, list[str]] = {}
     for t in tiles:
         blocks.setdefault(grid.tile_key(grid.parent(t, bz)), []).append(grid.tile_key(t))

@@ -4,6 +4,7 @@ thread runner."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,30 @@ def test_dask_runner_gives_the_same_outputs(tmp_path: Path) -> None:
     dask = run_predict(tmp_path / "dask", {"kind": "dask", "workers": 2})
     assert len(default) == 7  # 6 probability tiles + predictions.geojson
     assert dask == default
+
+
+@pytest.mark.slow
+def test_ray_runner_gives_the_same_outputs(tmp_path: Path) -> None:
+    pytest.importorskip("prefect_ray", reason="the optional extra: pip install 'mapgap[ray]'")
+    default = run_predict(tmp_path / "thread", {"kind": "thread", "workers": 2})
+    ray = run_predict(tmp_path / "ray", {"kind": "ray", "workers": 2})
+    assert len(default) == 7 and ray == default
+
+
+def test_ray_runner_comes_from_the_config_or_its_extra_is_named(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runner.kind: ray` builds prefect-ray's RayTaskRunner sized by runner.workers
+    (or on a cluster's address); without the optional extra, one line says how to
+    install it."""
+    from mapgap.conf.schema import RunnerConfig
+    from mapgap.orchestration import task_runner_for
+
+    local = RunnerConfig(kind="ray", workers=3)
+    remote = RunnerConfig(kind="ray", address="ray://10.0.0.5:10001")
+    ray_runner = pytest.importorskip("prefect_ray", reason="pip install 'mapgap[ray]'")
+    built = task_runner_for(local)
+    assert isinstance(built, ray_runner.RayTaskRunner) and built.init_kwargs["num_cpus"] == 3
+    assert task_runner_for(remote).address == "ray://10.0.0.5:10001"
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if the extra were absent
+    with pytest.raises(RuntimeError, match=r"pip install 'mapgap\[ray\]'"):
+        task_runner_for(local)
