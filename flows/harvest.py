@@ -35,7 +35,6 @@ import posixpath
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fsspec.core import url_to_fs
 from prefect import flow
 from prefect.futures import wait
 
@@ -66,20 +65,15 @@ def _unless_done(task: Any, outputs: Iterable[str],
     return task.with_options(refresh_cache=True)
 
 
-def _files_under(folder: str) -> set[str]:
-    """URIs of every file below ``folder``, from one recursive listing: a rerun
-    over a large AOI on S3 lists a few pages instead of asking about each tile."""
-    fs, path = url_to_fs(folder)
-    return {folder + p[len(path):] for p in fs.find(path)}
-
-
 def _written(layout: RunLayout, tile: Tile, signed_distance: bool) -> set[str]:
     """The rasterize outputs already stored, from one listing per folder: the
     masks (and distance targets) of ``tile``'s zoom and the stats parts."""
     per_tile = [layout.mask(tile), *([layout.signed_distance(tile)] if signed_distance else [])]
     folders = {posixpath.dirname(posixpath.dirname(u)) for u in per_tile}
     folders.add(posixpath.dirname(layout.mask_stats_part("batch")))
-    return set().union(*map(_files_under, folders))
+    # One recursive listing per folder: a rerun over a large AOI on S3 lists a
+    # few pages instead of asking about each tile.
+    return set().union(*map(storage.files_under, folders))
 
 
 def _batch_outputs(layout: RunLayout, batch: list[Tile], signed_distance: bool) -> list[str]:

@@ -162,6 +162,12 @@ def glob_versions(pattern: str) -> dict[str, str]:
             for p, info in sorted(found.items())}
 
 
+def files_under(folder: str) -> set[str]:
+    """URIs of every file below ``folder`` (same scheme), from one recursive listing."""
+    fs, path = _fs(folder)
+    return {folder + p[len(path):] for p in fs.find(path)}
+
+
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = _fs(uri)
     if fs.exists(path):
