@@ -81,9 +81,9 @@ def plain(cfg) -> None:
 
 
 def in_fresh_thread(cfg) -> None:
-    """``plain`` on a new thread, as the flow's tasks run on the task runner's: the
-    main thread's OpenMP pool, sized by earlier torch work (making the checkpoint),
-    would otherwise spin beside a 1-thread forward and cost plain ~15% more CPU."""
+    """``plain`` on a new thread, as the flow's tasks run on the task runner's. On
+    the main thread plain measured 10-15% slower than the flow (likely its OpenMP
+    pool, sized by earlier torch work such as making the checkpoint)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(plain, cfg).result()
 
