@@ -2,11 +2,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU build, installed from local disk here. GPU: one requirement in TORCH_SPEC and
-# PyTorch's CUDA wheel index in TORCH_INDEX_URL (see README, "GPU").
-TORCH_SPEC ?= torch==2.13.0
+# A matching torch + torchvision pair (timm, segmentation-models-pytorch and the
+# pretrained encoders need torchvision). PyPI's build runs on the CPU and on CUDA
+# GPUs; TORCH_INDEX_URL picks another build, e.g. PyTorch's CUDA wheel index
+# (see README, "GPU"). TORCH_SPEC / VISION_SPEC pick other versions, one each.
+TORCH_SPEC ?= torch==2.14.1
+VISION_SPEC ?= torchvision==0.29.1
 TORCH_INDEX_URL ?=
-TORCH_ARGS := "$(TORCH_SPEC)"$(if $(TORCH_INDEX_URL), --index-url "$(TORCH_INDEX_URL)")
+TORCH_ARGS := "$(TORCH_SPEC)" "$(VISION_SPEC)"$(if $(TORCH_INDEX_URL), --index-url "$(TORCH_INDEX_URL)")
 # Holds the torch arguments last installed: changing them re-installs torch.
 TORCH_STAMP := $(VENV)/.torch
 STAMP := $(VENV)/.installed
@@ -23,7 +26,7 @@ $(TORCH_STAMP): $(BIN)/python FORCE
 	  echo '$(BIN)/pip install --quiet $(TORCH_ARGS)'; \
 	  $(BIN)/pip install --quiet $(TORCH_ARGS) && echo '$(TORCH_ARGS)' > $@; }
 
-# Torch first (order-only), so that mapgap's `torch>=2.4` is already satisfied.
+# Torch first (order-only), so that mapgap's torch/torchvision requirements are already met.
 $(STAMP): $(BIN)/python pyproject.toml | $(TORCH_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)

@@ -75,7 +75,7 @@ def steps_per_second(module: SegmentationModule, opt: torch.optim.Optimizer,
     it = iter(batches)
     t0 = None
     for i in range(steps + 1):
-        images, masks, _ = module.on_after_batch_transfer(next(it), 0)
+        images, masks = module.on_after_batch_transfer(next(it), 0)[:2]
         loss = module.loss_fn(module.model.logits(images), masks)
         opt.zero_grad()
         loss.backward()

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from shapely.geometry import shape
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import unary_union
+
+
+class ConfigError(ValueError):
+    """One line: ``<file>: <field>: <what is wrong>``."""
 
 
 class Strict(BaseModel):
@@ -71,3 +79,22 @@ def resolve_path(value: str, info: ValidationInfo, *, must_exist: bool = True) -
     if must_exist and not path.exists():
         raise ValueError(f"file not found: {path}")
     return str(path)
+
+
+def read_aoi_file(path: str) -> BaseGeometry:
+    """The union of a GeoJSON file's polygons (the AOI, complete areas), lon/lat."""
+    from mapgap import storage
+
+    try:
+        data = json.loads(storage.read_text(path))
+        feats = data["features"] if data.get("type") == "FeatureCollection" else [data]
+        geoms = [shape(f.get("geometry", f)) for f in feats]
+    except storage.StorageError as err:
+        raise ConfigError(str(err)) from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:160]
+        raise ConfigError(f"{path}: not a GeoJSON file of polygons ({detail})") from None
+    geom = unary_union([g for g in geoms if g.area > 0])
+    if geom.is_empty:
+        raise ConfigError(f"{path}: no polygon with area")
+    return geom

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
+from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from mapgap.conf.base import Strict, resolve_path
 
 _TEMPLATE_KEYS = ("{x}", "{y}", "{-y}", "{q}")
 Byte = Annotated[int, Field(ge=0, le=255)]
 _RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2")
+_SCHEMES = {"xyz": ("http", "https", "file", "s3"), "geotiff": ("file", "s3")}
+# Query parameters and header names that carry credentials: their value must come
+# from the environment ({key}), or it would be stored wherever the config goes
+# (Prefect flow-run parameters, fetch_report.json, logs).
+_SECRET_PARAM = re.compile(
+    r"^(key|api[-_]?key|access[-_]?token|token|auth|auth[-_]?token|secret|client[-_]?secret"
+    r"|password|passwd|signature|sig|x-amz-signature|x-amz-credential)$", re.I)
+_SECRET_HEADER = re.compile(r"auth|key|token|secret|password|cookie|credential", re.I)
+USE_ENV = ("use {key} there and put the value in an environment variable named by"
+           " imagery.api_key_env: config values are stored in the Prefect DB and reports")
 
 
 class ImageryConfig(Strict):
@@ -49,7 +61,14 @@ class ImageryConfig(Strict):
     @field_validator("source")
     @classmethod
     def _check_source(cls, v: str, info: ValidationInfo) -> str:
-        if v.lower().endswith(_RASTER_SUFFIXES):
+        _no_literal_credentials(v)
+        kind = "geotiff" if v.lower().endswith(_RASTER_SUFFIXES) else "xyz"
+        scheme = urlsplit(v).scheme.lower() if "://" in v else ""
+        if scheme and scheme not in _SCHEMES[kind]:
+            where = "a GeoTIFF" if kind == "geotiff" else "tiles"
+            raise ValueError(f"unsupported URI scheme {scheme}:// for {where} (use "
+                             f"{', '.join(s + '://' for s in _SCHEMES[kind])} or a local path)")
+        if kind == "geotiff":
             return resolve_path(v, info)
         if "{z}" not in v and "{q}" not in v:  # a quadkey encodes the zoom
             raise ValueError(
@@ -58,6 +77,25 @@ class ImageryConfig(Strict):
         if not any(k in v for k in _TEMPLATE_KEYS):
             raise ValueError(f"tile template needs {{x}}/{{y}} (or {{q}}): {v}")
         return v if "://" in v or v.startswith("/") else resolve_path(v, info, must_exist=False)
+
+    @field_validator("headers")
+    @classmethod
+    def _no_literal_secret_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if _SECRET_HEADER.search(name) and "{key}" not in value:
+                raise ValueError(f"header {name!r} has a literal value: {USE_ENV}")
+        return v
+
+    @model_validator(mode="after")
+    def _key_placeholder_and_env(self) -> ImageryConfig:
+        uses_key = "{key}" in self.source or any("{key}" in v for v in self.headers.values())
+        if uses_key and not self.api_key_env:
+            raise ValueError("source or a header uses {key} but api_key_env (the environment"
+                             " variable holding the key) is not set")
+        if self.api_key_env and not uses_key:
+            raise ValueError(f"api_key_env is {self.api_key_env} but neither source nor a"
+                             " header uses {key}: the key would never be sent")
+        return self
 
     @property
     def kind(self) -> Literal["xyz", "geotiff"]:
@@ -76,3 +114,16 @@ class ImageryConfig(Strict):
         if not 0 <= v[0] < v[1] <= 100:
             raise ValueError(f"need 0 <= low < high <= 100, got {v[0]}, {v[1]}")
         return v
+
+
+def _no_literal_credentials(source: str) -> None:
+    """Refuse a password in the URL or a credential query parameter that is not
+    ``{key}`` (the value is never quoted: the message goes to logs too)."""
+    if "://" not in source:
+        return
+    parts = urlsplit(source)
+    if parts.password:
+        raise ValueError(f"a password in the URL: {USE_ENV}")
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if _SECRET_PARAM.match(name) and "{key}" not in value:
+            raise ValueError(f"query parameter {name}= has a literal value: {USE_ENV}")

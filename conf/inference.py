@@ -19,11 +19,14 @@ class InferenceConfig(Strict):
     # Context read from neighbour tiles on each side (mirrored where missing).
     margin_px: int = Field(default=32, ge=0)
     tta: bool = False
-    threshold: float = Field(default=0.5, gt=0, lt=1)
+    # Probability threshold and smallest polygon kept. Default (None): the values
+    # training calibrated on val for the model (maximum object F1), else 0.5 and
+    # 10 m2. A value set here overrides the model's.
+    threshold: float | None = Field(default=None, gt=0, lt=1)
     open_m: float = Field(default=1.0, ge=0)
     close_m: float = Field(default=1.0, ge=0)
     simplify_m: float = Field(default=0.5, ge=0)
-    min_area_m2: float = Field(default=10.0, ge=0)
+    min_area_m2: float | None = Field(default=None, ge=0)
     orthogonalize: bool = True
     # DataLoader worker processes that decode tiles while the model runs (0: in the
     # task's own thread), and how many batches each keeps ready.

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from mapgap.conf.base import Strict, is_uri, resolve_path
+from mapgap.conf.base import Strict, is_uri, read_aoi_file, resolve_path
 
 _TILE_KEY = re.compile(r"^z\d+_\d+_\d+$")
 
@@ -29,9 +29,17 @@ class TagFilter(Strict):
     exclude: dict[str, TagValues] = {}
 
 
+def _tags_of_name(data: dict) -> TagFilter:
+    return TagFilter(include={data.get("name") or "class": "*"})
+
+
 class ClassSpec(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    tags: TagFilter
+    # Which OSM tags make this class. Required for OSM and Overpass sources; a
+    # vector label file that says the class itself (a file per class, a class
+    # column, or one class only) needs none: then it is {<name>: "*"} (so
+    # building=yes is what JOSM gets, unless josm_tags says otherwise).
+    tags: TagFilter = Field(default_factory=_tags_of_name)
     geometry: Literal["polygon", "line", "point"] = "polygon"
     # Lines: default full width; points: diameter. Metres, buffered in a local UTM CRS.
     width_m: float | None = Field(default=None, gt=0)
@@ -43,12 +51,21 @@ class ClassSpec(Strict):
     priority: int = 1
     # Tags written on candidates for JOSM; default: the first include key=value.
     josm_tags: dict[str, str] = {}
+    # Touching objects (terraced houses, dense blocks) come out as separate polygons:
+    # harvest writes a per-instance distance target, the model learns it as an
+    # extra band and vectorize splits merged blobs along it.
+    separate_instances: bool = False
 
     @model_validator(mode="after")
     def _width_for_buffers(self) -> ClassSpec:
         if self.geometry != "polygon" and self.width_m is None:
             raise ValueError(f"class {self.name!r}: {self.geometry} classes need width_m")
         return self
+
+    @property
+    def tags_given(self) -> bool:
+        """False when ``tags`` was left out and is the name's default."""
+        return "tags" in self.model_fields_set
 
     def output_tags(self) -> dict[str, str]:
         if self.josm_tags:
@@ -106,7 +123,9 @@ class LabelsConfig(Strict):
     @classmethod
     def _areas(cls, v: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
         if isinstance(v, str):
-            return resolve_path(v, info)
+            path = resolve_path(v, info)
+            read_aoi_file(path)  # a broken file fails the load, not the harvest
+            return path
         if v is not None:
             bad = [k for k in v if not _TILE_KEY.match(k)]
             if bad:

@@ -39,8 +39,8 @@ class MiningConfig(Strict):
     # window centred on its most confident mistake (context from the neighbours),
     # so that random training crops (train.crop_size) keep the mistake in view.
     negative_sample: Literal["tile", "centred"] = "centred"
-    # The final model is the round with the fewest false positives whose val IoU
-    # is at most this much below the trained model's.
+    # The final model is the round with the fewest false positives whose val pixel
+    # IoU and val object F1 are each at most this much below the trained model's.
     max_iou_drop: float = Field(default=0.02, ge=0)
     # Salt of the (deterministic) choice of held-back pool tiles.
     seed: int = 0

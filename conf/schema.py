@@ -6,18 +6,18 @@ problem (see :class:`ConfigError`); the CLI turns that into exit code 2.
 
 from __future__ import annotations
 
-import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from shapely.geometry import box, shape
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
-from shapely.ops import unary_union
 
-from mapgap.conf.base import Strict, resolve_path
+from mapgap import grid
+from mapgap.conf.base import ConfigError, Strict, read_aoi_file, resolve_path
 from mapgap.conf.imagery import ImageryConfig
 from mapgap.conf.inference import DedupConfig, InferenceConfig
 from mapgap.conf.labels import ClassSpec, LabelsConfig
@@ -26,10 +26,6 @@ from mapgap.conf.training import PackConfig, TrainConfig
 
 MAX_LAT = 85.0511287798  # web-mercator limit
 AOI_FORMS = "expected 4 numbers [west, south, east, north] or a GeoJSON file path"
-
-
-class ConfigError(ValueError):
-    """One line: ``<file>: <field>: <what is wrong>``."""
 
 
 class StorageConfig(Strict):
@@ -56,6 +52,10 @@ class PipelineConfig(Strict):
     aoi: tuple[float, float, float, float] | str
     zoom: int = Field(ge=0, le=24)
     tile_size: Literal[256, 512] = 256
+    # The most AOI tiles a run may have (~2 M tiles: ~130 GB of 256 px imagery,
+    # ~5 km x 5 km... 300 km x 300 km from zoom 20 to 15). Checked at load from the
+    # AOI's bounds: a continent at zoom 18 fails here, not hours into harvest.
+    max_tiles: int = Field(default=2_000_000, ge=1)
     classes: list[ClassSpec] = Field(min_length=1)
     labels: LabelsConfig
     imagery: ImageryConfig
@@ -81,7 +81,9 @@ class PipelineConfig(Strict):
     @classmethod
     def _check_aoi(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, str):
-            return resolve_path(v, info)
+            path = resolve_path(v, info)
+            read_aoi_file(path)  # a broken file is a config error now, not in the flow
+            return path
         w, s, e, n = v
         if not (-180 <= w < e <= 180):
             raise ValueError(
@@ -102,6 +104,47 @@ class PipelineConfig(Strict):
         if dupes:
             raise ValueError(f"duplicate class names: {', '.join(dupes)}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        """Checks across fields; each message starts with the field it is about."""
+        self._check_tile_count()
+        names = [c.name for c in self.classes]
+        unknown = [c for c in self.train.classes or [] if c not in names]
+        if unknown:
+            raise ValueError(f"train.classes: unknown class {unknown[0]!r}"
+                             f" (classes: {', '.join(names)})")
+        if self.labels.kind in ("osm", "overpass"):
+            for i, c in enumerate(self.classes):
+                if not c.tags_given:
+                    raise ValueError(
+                        f"classes[{i}].tags: required with an {self.labels.kind.upper()} labels"
+                        f" source (which OSM tags make a {c.name!r}?), e.g."
+                        f" tags: {{include: {{{c.name}: '*'}}}}")
+        self._check_complete_areas()
+        return self
+
+    def _check_tile_count(self) -> None:
+        count = grid.geometry_tile_bound(self.aoi_geometry, self.zoom)
+        if count > self.max_tiles:
+            raise ValueError(
+                f"aoi: up to {count:,} tiles at zoom {self.zoom}, more than max_tiles="
+                f"{self.max_tiles:,}: split the AOI into several runs, lower the zoom, or"
+                f" raise max_tiles if this machine can hold that many tiles")
+
+    def _check_complete_areas(self) -> None:
+        areas = self.labels.complete_areas
+        if areas is not None and not isinstance(areas, str):  # files: LabelsConfig reads them
+            total = 0
+            for key in areas:
+                z = grid.parse_tile_key(key).z
+                if z > self.zoom:
+                    raise ValueError(f"labels.complete_areas: tile {key} is finer than the"
+                                     f" run's zoom {self.zoom}")
+                total += 4 ** (self.zoom - z)
+            if total > self.max_tiles:
+                raise ValueError(f"labels.complete_areas: {total:,} tiles at zoom {self.zoom},"
+                                 f" more than max_tiles={self.max_tiles:,}")
 
     @property
     def run_uri(self) -> str:
@@ -124,21 +167,6 @@ class PipelineConfig(Strict):
         raise KeyError(f"no class named {name!r} (have: {', '.join(c.name for c in self.classes)})")
 
 
-def read_aoi_file(path: str) -> BaseGeometry:
-    from mapgap import storage
-
-    try:
-        data = json.loads(storage.read_text(path))
-        feats = data["features"] if data.get("type") == "FeatureCollection" else [data]
-        geoms = [shape(f.get("geometry", f)) for f in feats]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ConfigError(f"{path}: not a GeoJSON polygon AOI ({err})") from None
-    geom = unary_union([g for g in geoms if g.area > 0])
-    if geom.is_empty:
-        raise ConfigError(f"{path}: AOI has no polygon with area")
-    return geom
-
-
 def _field_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -146,7 +174,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         else:
             out += ("." if out else "") + str(part)
-    return out or "(top level)"
+    return out
 
 
 def _message(err: dict[str, Any]) -> str:
@@ -167,20 +195,28 @@ def validate_config(data: Any, source: str, base_dir: Path) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
-        errs = exc.errors()
+        # a default computed from a field that failed is not a second problem
+        errs = [e for e in exc.errors() if e["type"] != "default_factory_not_called"]
         first = errs[0]
         more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
-        where = _field_path(first["loc"])
-        raise ConfigError(f"{source}: {where}: {_message(first)}{more}") from None
+        # a check across fields (no location) names its field in its message
+        where = _field_path(first["loc"]) + ": " if first["loc"] else ""
+        raise ConfigError(f"{source}: {where}{_message(first)}{more}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read a YAML config (safe_load); relative paths are relative to its folder."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x});"
+                          " save the config as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -189,7 +225,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         raise ConfigError(f"{path}: {where}invalid YAML ({getattr(err, 'problem', err)})") from None
     if overrides and isinstance(data, dict):
         data = deep_merge(data, overrides)
-    return validate_config(data, str(path), path.resolve().parent)
+    cfg = validate_config(data, str(path), path.resolve().parent)
+    check_environment(cfg, str(path))
+    return cfg
+
+
+def check_environment(cfg: PipelineConfig, source: str) -> None:
+    """What the config needs from this machine's environment, checked before
+    anything runs (the config itself names the variable, never the secret)."""
+    env = cfg.imagery.api_key_env
+    if env and not os.environ.get(env):
+        raise ConfigError(f"{source}: imagery.api_key_env: environment variable {env} is not"
+                          " set (it holds the key for {key} in imagery.source / headers)")
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

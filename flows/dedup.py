@@ -28,10 +28,12 @@ def dedup_flow(cfg: PipelineConfig) -> dict[str, Any]:
         raise DedupError(f"{layout.predictions}: no such file (run mapgap predict first)")
     meta = storage.read_json(layout.predict_meta) if storage.exists(layout.predict_meta) else {}
     _, props = read_geojson(layout.predictions)
+    polygons = meta.get("polygons", {})
     if not props:
         raise DedupError(f"{layout.predictions}: no predicted polygon at threshold "
-                         f"{cfg.inference.threshold} and min area {cfg.inference.min_area_m2} m2;"
-                         " nothing to compare with OSM (check the model and inference settings)")
+                         f"{polygons.get('threshold')} and min area "
+                         f"{polygons.get('min_area_m2')} m2; nothing to compare with OSM "
+                         "(check the model and inference settings)")
     names = meta.get("classes") or sorted({p["class"] for p in props})
     futures = []
     for name in names:
@@ -42,9 +44,10 @@ def dedup_flow(cfg: PipelineConfig) -> dict[str, Any]:
         "run": cfg.name, "zoom": cfg.zoom, "model": meta.get("model"),
         "model_version": meta.get("model_key"), "mlflow_run_id": meta.get("run_id"),
         "thresholds": {
-            "probability": cfg.inference.threshold, "open_m": cfg.inference.open_m,
+            "probability": polygons.get("threshold"), "open_m": cfg.inference.open_m,
             "close_m": cfg.inference.close_m, "simplify_m": cfg.inference.simplify_m,
-            "min_area_m2": cfg.inference.min_area_m2, "dedup_iou": cfg.dedup.iou,
+            "min_area_m2": polygons.get("min_area_m2"),
+            "calibrated": polygons.get("calibrated", False), "dedup_iou": cfg.dedup.iou,
             "dedup_overlap": cfg.dedup.overlap, "unsupported_below": cfg.dedup.support},
     }
     class_tags = {n: cfg.class_named(n).output_tags() for n in names}

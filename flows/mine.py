@@ -28,11 +28,11 @@ from mapgap.tasks.mining import (
     trained_base,
 )
 from mapgap.tasks.mining_pool import pool_task
-from mapgap.tasks.predict import imagery_digest, stored_tiles
+from mapgap.tasks.predict import stored_imagery_digest
 
 TABLE_COLUMNS = ("round", "fp_pixels_per_tile", "fp_rate", "fp_objects", "mistakes_found",
-                 "negatives_added", "val_iou", "val_precision", "wall_time_s", "cached",
-                 "model_uri")
+                 "negatives_added", "val_iou", "val_object_f1", "val_precision", "wall_time_s",
+                 "cached", "model_uri")
 
 
 def pool_inputs_digest(cfg: PipelineConfig) -> str:
@@ -41,14 +41,13 @@ def pool_inputs_digest(cfg: PipelineConfig) -> str:
     uris = [layout.mask_stats]
     if isinstance(cfg.labels.complete_areas, str):
         uris.append(cfg.labels.complete_areas)
-    versions = stored_tiles(layout.images, cfg.zoom)
-    return storage.fingerprint(uris) + imagery_digest(list(versions), versions)
+    return storage.fingerprint(uris) + stored_imagery_digest(layout, cfg.zoom)
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
     out = {c: r.get(c) for c in TABLE_COLUMNS}
-    for c in ("fp_pixels_per_tile", "val_iou", "val_precision"):
-        out[c] = round(out[c], 4)
+    for c in ("fp_pixels_per_tile", "val_iou", "val_object_f1", "val_precision"):
+        out[c] = None if out[c] is None else round(out[c], 4)
     out["fp_rate"] = round(r["fp_rate"], 6)
     return out
 

@@ -22,21 +22,26 @@ from mapgap.tasks.pack import (
     PackError,
     PackSpec,
     chunks,
+    distance_targets,
     pack_task,
     plan_split,
     scan_task,
     write_manifest,
 )
-from mapgap.tasks.predict import imagery_digest, stored_tiles
+from mapgap.tasks.predict import stored_imagery_digest, stored_tiles
 
 
-def inputs_digest(layout: RunLayout, zoom: int) -> str:
-    """Digest of the stored imagery and the mask stats: new imagery or masks ->
-    repack; a rerun that fetched nothing new keeps the shards."""
-    versions = stored_tiles(layout.images, zoom)
-    h = hashlib.sha256(imagery_digest(list(versions), versions).encode())
+def inputs_digest(layout: RunLayout, zoom: int, distance: bool = False) -> str:
+    """Digest of the stored imagery and the mask stats (and, with ``distance``, of
+    the sdt PNGs' versions, which a re-harvest can change without changing the
+    masks): new inputs -> repack; a rerun that fetched nothing new keeps the shards."""
+    h = hashlib.sha256(stored_imagery_digest(layout, zoom).encode())
     if storage.exists(layout.mask_stats):
         h.update(storage.read_bytes(layout.mask_stats))
+    if distance:
+        sdt_dir = layout.signed_distance(grid.Tile(0, 0, zoom)).rsplit("/", 3)[0]
+        for tile, version in sorted(stored_tiles(sdt_dir, zoom).items()):
+            h.update(f"{grid.tile_key(tile)}={version};".encode())
     return h.hexdigest()[:16]
 
 
@@ -49,7 +54,7 @@ def pack_flow(cfg: PipelineConfig) -> dict[str, Any]:
         raise PackError(f"{layout.mask_stats}: no masks (run `mapgap harvest` first)")
     features = {k: v.get("features", {}) for k, v in storage.read_json(layout.mask_stats).items()}
     tiles = grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom)
-    spec = PackSpec.from_config(cfg, inputs_digest(layout, cfg.zoom))
+    spec = PackSpec.from_config(cfg, inputs_digest(layout, cfg.zoom, distance_targets(cfg)))
     scans = [scan_task.submit(spec, batch)
              for batch in grid.iter_batches(tiles, spec.tiles_per_task)]
     scanned = [f.result() for f in scans]

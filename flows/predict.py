@@ -17,8 +17,10 @@ from mapgap.conf.schema import PipelineConfig
 from mapgap.grid import iter_batches, tile_key
 from mapgap.layout import RunLayout
 from mapgap.progress import get_logger
+from mapgap.tasks.objectval import vector_settings
 from mapgap.tasks.predict import (
     PredictSettings,
+    band_names,
     blocked_order,
     imagery_digest,
     load_model,
@@ -27,7 +29,7 @@ from mapgap.tasks.predict import (
     tiles_to_predict,
     write_meta,
 )
-from mapgap.tasks.vectorize import VectorSettings, merge_batches, vectorize_batch
+from mapgap.tasks.vectorize import merge_batches, vectorize_batch
 
 
 def follow(futures: list[PrefectFuture], total: int, log: Any) -> int:
@@ -51,8 +53,14 @@ def predict_flow(cfg: PipelineConfig) -> dict[str, Any]:
     ref = resolve_model(cfg)
     settings = PredictSettings.from_config(cfg)
     versions, no_imagery = tiles_to_predict(cfg, layout)
-    classes = list(load_model(ref).classes)
-    write_meta(layout, ref, classes, settings)
+    model = load_model(ref)
+    classes, bands = list(model.classes), band_names(model)
+    calibration = getattr(model, "calibration", None)
+    vector = vector_settings(cfg, classes, bands, calibration)
+    write_meta(layout, ref, classes, settings, bands, {
+        "threshold": vector.threshold, "min_area_m2": vector.min_area_m2,
+        "calibrated": calibration is not None, "score": "confidence" if vector.confidence
+        else "mean probability"})
     n = cfg.inference.tiles_per_task
     batches = list(iter_batches(blocked_order(list(versions), n), n))
     keys = [[tile_key(t) for t in b] for b in batches]
@@ -63,7 +71,6 @@ def predict_flow(cfg: PipelineConfig) -> dict[str, Any]:
                for k, digest in zip(keys, imagery, strict=True)]
     predicted = follow(futures, len(versions), log)
 
-    vector = VectorSettings.from_config(cfg, classes)
     futures = [vectorize_batch.submit(cfg.run_uri, k, vector, f"{ref.key}|{settings}|{digest}")
                for k, digest in zip(keys, imagery, strict=True)]
     polygons = merge_batches(cfg.run_uri, [f.result() for f in futures], vector)

@@ -61,32 +61,69 @@ def _demo_template_hint(config: Path) -> str:
             " which writes the complete demo-out/demo.yaml")
 
 
-def is_input_error(err: BaseException) -> bool:
-    """mapgap's own exceptions describe bad input in one line: no traceback."""
-    return type(err).__module__.startswith("mapgap.") and isinstance(err, ValueError | RuntimeError)
+def one_line(err: BaseException) -> str:
+    """An exception as one line: mapgap's own messages already name the file/URL."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    if type(err).__module__.startswith("mapgap.") and first:
+        return first
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
-def run_stage(stage: str, cfg: Any, **params: Any) -> Any:
-    """Run a stage flow bound to the run's storage and task runner."""
-    from mapgap.orchestration import configured
+ForceUnlock = Annotated[bool, typer.Option(
+    "--force-unlock", help="Take the run dir's lock even if another run seems to hold it.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks of errors.")]
 
-    module, name, _ = STAGES[stage]
-    flow_obj = getattr(importlib.import_module(module), name)
+
+def run_stage(stage: str, cfg: Any, *, force_unlock: bool = False, debug: bool = False,
+              **params: Any) -> Any:
+    """Run a stage flow on the run dir, which it holds locked (one run per run dir).
+
+    Errors end the command with one line and exit code 2 (``--debug``: the
+    traceback); SIGTERM/SIGINT stop it cleanly (see :class:`mapgap.orchestration.Stopper`).
+    """
+    from prefect import tags
+
+    from mapgap.lock import RunLock, RunLockedError
+    from mapgap.orchestration import Stopper, api_server, configured, recover
+    from mapgap.progress import hide_console_tracebacks
+
+    lock = RunLock(cfg.run_uri, force=force_unlock)
     try:
-        return configured(flow_obj, cfg)(cfg, **params)
+        lock.acquire()
+    except RunLockedError as err:
+        fail(str(err))
+    module, name, _ = STAGES[stage]
+    stopper = Stopper(cfg, lock).arm()
+    try:
+        with api_server() as server_pid:
+            stopper.server_pid = server_pid
+            try:
+                recover(cfg, lock)
+                flow_obj = getattr(importlib.import_module(module), name)
+                if not debug:
+                    hide_console_tracebacks()
+                with tags(lock.owner.run_tag):
+                    return configured(flow_obj, cfg)(cfg, **params)
+            except BaseException:
+                stopper.wait_if_stopping()  # the API server must outlive the stop
+                raise
     except Exception as err:
-        if is_input_error(err):
-            fail(str(err).splitlines()[0] if str(err) else type(err).__name__, code=1)
-        raise
+        if debug:
+            raise
+        fail(f"{one_line(err)} (--debug shows the traceback)")
+    finally:
+        lock.release()
 
 
 def _register_stage(stage: str) -> None:
     help_text = STAGES[stage][2]
 
-    def command(config: ConfigArg) -> None:
+    def command(config: ConfigArg, force_unlock: ForceUnlock = False,
+                debug: Debug = False) -> None:
         setup_environment()
         cfg = load(config)
-        result = run_stage(stage, cfg)
+        result = run_stage(stage, cfg, force_unlock=force_unlock, debug=debug)
         typer.echo(json.dumps(result, indent=2, default=str))
 
     command.__doc__ = help_text
@@ -104,6 +141,8 @@ def run(
     refresh: Annotated[
         str, typer.Option(help="Comma-separated stages to recompute (cache ignored).")
     ] = "",
+    force_unlock: ForceUnlock = False,
+    debug: Debug = False,
 ) -> None:
     """Run the whole pipeline; finished tasks of earlier runs are reused."""
     setup_environment()
@@ -112,7 +151,7 @@ def run(
     unknown = sorted(set(stages) - set(STAGES) - {"run"})
     if unknown:
         fail(f"--refresh: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    result = run_stage("run", cfg, refresh=stages)
+    result = run_stage("run", cfg, force_unlock=force_unlock, debug=debug, refresh=stages)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 

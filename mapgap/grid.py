@@ -22,6 +22,7 @@ from shapely.geometry.base import BaseGeometry
 Tile = mercantile.Tile
 WEB_MERCATOR = "EPSG:3857"
 WGS84 = "EPSG:4326"
+MAX_LAT = 85.051129  # web-mercator's limit, as mercantile clamps it
 _KEY = re.compile(r"^z(\d+)_(\d+)_(\d+)$")
 
 
@@ -38,13 +39,36 @@ def parse_tile_key(key: str) -> Tile:
     return Tile(x, y, z)
 
 
+_EDGE_EPS = 1e-9  # mercantile includes tiles that only touch the bbox edge; shrink by a hair
+
+
 def tiles_for_bbox(bbox: tuple[float, float, float, float], zoom: int) -> list[Tile]:
     """All tiles touching a lon/lat bbox, in a stable (z, x, y) order."""
     w, s, e, n = bbox
-    # mercantile includes tiles that only touch the bbox edge; shrink by a hair.
-    eps = 1e-9
+    eps = _EDGE_EPS
     return sorted(mercantile.tiles(w + eps, s + eps, e - eps, n - eps, zooms=[zoom]),
                   key=lambda t: (t.z, t.x, t.y))
+
+
+def bbox_tile_count(bbox: tuple[float, float, float, float], zoom: int) -> int:
+    """How many tiles :func:`tiles_for_bbox` returns, from the corner tiles alone
+    (a continent at zoom 18 is billions of tiles: never list them to count)."""
+    w, s, e, n = bbox
+    eps = _EDGE_EPS
+    w, e = max(-180.0, w + eps), min(180.0, e - eps)
+    s, n = max(-MAX_LAT, s + eps), min(MAX_LAT, n - eps)  # as mercantile.tiles() clamps
+    if w > e or s > n:
+        return 0
+    top_left, bottom_right = mercantile.tile(w, n, zoom), mercantile.tile(e, s, zoom)
+    return (bottom_right.x - top_left.x + 1) * (bottom_right.y - top_left.y + 1)
+
+
+def geometry_tile_bound(geom: BaseGeometry, zoom: int) -> int:
+    """An upper bound of ``len(tiles_for_geometry(geom, zoom))`` without listing
+    tiles: the smaller of the whole bbox's count and the sum over the parts' bboxes."""
+    parts = shapely.get_parts(geom)
+    whole = bbox_tile_count(geom.bounds, zoom)
+    return min(whole, sum(bbox_tile_count(p.bounds, zoom) for p in parts)) if len(parts) else 0
 
 
 def tiles_for_geometry(geom: BaseGeometry, zoom: int) -> list[Tile]:

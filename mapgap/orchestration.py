@@ -10,8 +10,11 @@ and return URIs (never arrays), so keys are cheap and stable across processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -133,3 +136,216 @@ def configured(flow_obj: Any, cfg: Any) -> Any:
         persist_result=True,
         task_runner=task_runner_for(cfg.runner),
     )
+
+
+def mark_crashed(tag: str, message: str) -> list[str]:
+    """Set the flow runs tagged ``tag`` that are not final to Crashed.
+
+    For the runs of a process that died (``kill -9``) or is being stopped by a
+    signal: nothing else would ever move them out of Running. Best effort: an
+    unreachable API must not keep a stopping process alive. Returns their ids.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Crashed
+
+    marked: list[str] = []
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+        for run in runs:
+            if run.state is None or not run.state.is_final():
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                marked.append(str(run.id))
+    return marked
+
+
+class _SessionServer:
+    """Prefect's temporary API server, but in a session of its own.
+
+    Prefect's ephemeral server shares the CLI's process group, so a Ctrl-C or a
+    group SIGTERM kills it at once and the flow engine then loops on
+    ConnectError trying to report the crash. Started in its own session it
+    outlives the signal long enough for the run to record its end; the CLI
+    stops it, and it stops itself when the CLI dies (``kill -9``).
+    """
+
+    def __init__(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        class Detached(SubprocessASGIServer):
+            def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+                real_popen = subprocess.Popen
+                try:
+                    subprocess.Popen = _detached_popen  # type: ignore[misc]
+                    return super()._run_uvicorn_command()
+                finally:
+                    subprocess.Popen = real_popen  # type: ignore[misc]
+
+        self.server = Detached(port=_free_port())
+
+    @property
+    def pid(self) -> int | None:
+        proc = self.server.server_process
+        return proc.pid if proc else None
+
+
+def _detached_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+    return _POPEN(*args, preexec_fn=_detach, **kwargs)
+
+
+_POPEN = subprocess.Popen
+
+
+def _detach() -> None:
+    """In the server's child before exec: a session of its own, and (Linux) a
+    SIGTERM when its parent dies, so a ``kill -9`` of the CLI does not orphan it."""
+    import signal
+    import sys
+
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def api_server() -> Iterator[int | None]:
+    """The Prefect API for a CLI run: the user's (``PREFECT_API_URL``) when set,
+    else a temporary server in its own session, stopped on exit. Yields its pid."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    owned = _SessionServer()
+    owned.server.start()
+    os.environ["PREFECT_API_URL"] = owned.server.api_url  # for process/Dask/Ray workers
+    try:
+        with temporary_settings({PREFECT_API_URL: owned.server.api_url}):
+            yield owned.pid
+    finally:
+        _flush_to_api()
+        os.environ.pop("PREFECT_API_URL", None)
+        owned.server.stop()
+
+
+def _flush_to_api(timeout_s: float = 5) -> None:
+    """Send the queued logs and events while the temporary server still runs:
+    at interpreter exit Prefect would retry sending them to a stopped server."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            service.drain_all(timeout=timeout_s)
+
+
+def recover(cfg: Any, lock: Any) -> None:
+    """Clear up after a killed run of this run dir, before running again (caller
+    holds the lock): its temporaries go; its flow runs, which still say Running,
+    become Crashed; its MLflow runs become KILLED."""
+    import sys
+
+    from mapgap import storage, tracking
+
+    swept = storage.sweep_temporaries(cfg.run_uri)
+    if swept:
+        print(f"mapgap: removed {len(swept)} temporary file(s) of an interrupted run",
+              file=sys.stderr)
+    previous = lock.previous
+    if previous is None:
+        return
+    why = f"its process ({previous.describe()}) ended without releasing the run dir"
+    crashed = mark_crashed(previous.run_tag, f"mapgap: {why}")
+    killed = tracking.mark_crashed_runs(cfg, previous.since, why)
+    print(f"mapgap: the previous run on {cfg.run_uri} died ({previous.describe()}):"
+          f" {len(crashed)} flow run(s) marked Crashed, {len(killed)} MLflow run(s) KILLED",
+          file=sys.stderr)
+
+
+class Stopper:
+    """SIGTERM / SIGINT (what ``prefect worker``, systemd, Kubernetes and Ctrl-C
+    send) stop a CLI run within seconds: no child left, the flow runs Crashed,
+    the MLflow runs KILLED, the lock released, exit code 128 + signal number.
+
+    The stop runs on a thread of its own: the main thread may be blocked in the
+    task runner, which waits for running tasks (a training epoch) before it
+    returns, so the process ends with ``os._exit`` once the stop is done.
+    """
+
+    def __init__(self, cfg: Any, lock: Any) -> None:
+        self.cfg, self.lock = cfg, lock
+        self.server_pid: int | None = None  # stopped last: marking states needs it
+        self.signum: int | None = None
+
+    def arm(self) -> Stopper:
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        import contextvars
+        import threading
+
+        if self.signum is not None:
+            return  # already stopping
+        self.signum = signum
+        # In the main thread's context: its Prefect settings name the API server.
+        threading.Thread(target=contextvars.copy_context().run, args=(self._stop,),
+                         name="mapgap-stop", daemon=True).start()
+        raise KeyboardInterrupt  # unwinds the flow engine, which records the crash too
+
+    def wait_if_stopping(self) -> None:
+        """Block the main thread while the stop thread ends the process."""
+        import threading
+
+        if self.signum is not None:
+            threading.Event().wait()
+
+    MARK_TIMEOUT_S = 8.0
+
+    def _mark(self, name: str) -> None:
+        from mapgap import tracking
+
+        mark_crashed(self.lock.owner.run_tag, f"mapgap: stopped by {name}")
+        with contextlib.suppress(Exception):
+            tracking.mark_crashed_runs(self.cfg, self.lock.owner.since, f"stopped by {name}")
+
+    def _stop(self) -> None:
+        import contextvars
+        import signal
+        import sys
+        import threading
+
+        from mapgap import workers
+
+        name = signal.Signals(self.signum).name
+        try:
+            server = set(workers.descendants(self.server_pid)) | {self.server_pid} \
+                if self.server_pid else set()
+            workers.stop_processes([p for p in workers.descendants() if p not in server])
+            # Bounded: an unreachable API or tracking server must not keep us alive.
+            marking = threading.Thread(target=contextvars.copy_context().run,
+                                       args=(self._mark, name), daemon=True)
+            marking.start()
+            marking.join(timeout=self.MARK_TIMEOUT_S)
+        finally:
+            workers.stop_processes(workers.descendants())
+            self.lock.release()
+            sys.stdout.flush()
+            sys.stderr.write(f"error: stopped by {name}; a rerun continues from the finished"
+                             " tasks\n")
+            sys.stderr.flush()
+            os._exit(128 + self.signum)

@@ -49,3 +49,29 @@ def track(items: Iterable[T], total: int, what: str, every_s: float = 10.0) -> I
     finally:
         if bar is not None:
             bar.stop()
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a copy of each record without its traceback, through ``inner``."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = logging.makeLogRecord(record.__dict__)
+        bare.exc_info = bare.exc_text = bare.stack_info = None
+        return self.inner.format(bare)
+
+
+def hide_console_tracebacks() -> None:
+    """Keep tracebacks out of the terminal: a failed run ends with one ``error:``
+    line. The Prefect UI log still gets them (its API handler is left as is)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    names = list(logging.root.manager.loggerDict)
+    for logger in [logging.getLogger(), *map(logging.getLogger, names)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(
+                    handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))

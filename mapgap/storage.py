@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -72,6 +73,31 @@ def read_json(uri: str) -> Any:
         raise StorageError(f"{uri}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
+TMP_MARK = ".tmp-"
+# What atomic_open names its temporaries: ".<name>.tmp-<8 hex digits>".
+TMP_PATTERN = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"[0-9a-f]{8}$")
+
+
+def sweep_temporaries(folder: str) -> list[str]:
+    """Remove the temporaries that killed writers left below a local ``folder``.
+
+    Only files named like :func:`atomic_open`'s temporaries, and only safe while
+    no writer is active there: callers hold the run dir's lock. Returns them.
+    (S3 writes leave no temporaries: an interrupted upload never appears.)
+    """
+    if is_remote(folder) or not Path(folder).is_dir():
+        return []
+    swept = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            if TMP_PATTERN.match(name):
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    swept.append(path)
+    return sorted(swept)
+
+
 @contextlib.contextmanager
 def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO]:
     """Open ``uri`` for writing so that it appears whole or not at all."""
@@ -93,7 +119,7 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO]:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = target.with_name(f".{target.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, mode) as f:
             yield f

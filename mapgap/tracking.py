@@ -144,3 +144,28 @@ def promote(c: Any, name: str, version: str | int, val_iou: float,
         c.set_registered_model_alias(name, CHAMPION, version)
         aliases.append(CHAMPION)
     return aliases
+
+
+CRASHED_TAG = "mapgap.crashed"
+
+
+def mark_crashed_runs(cfg: Any, since_s: float, reason: str) -> list[str]:
+    """End the experiment's MLflow runs still RUNNING that started at or after
+    ``since_s`` (epoch seconds: a killed or stopped run's start) as KILLED, tagged
+    ``mapgap.crashed: true`` (the ``reason`` as note), so searches can skip them
+    (``attributes.status != 'KILLED'``). Called by the run dir's lock holder only,
+    so no live run of this run dir is among them. Returns their run ids."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []  # nothing was ever tracked: spare a stopping run the MLflow import
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment_name(cfg))
+    if exp is None:
+        return []
+    found = c.search_runs([exp.experiment_id], filter_string=(
+        f"attributes.status = 'RUNNING' and attributes.start_time >= {int(since_s * 1000)}"))
+    for run in found:
+        c.set_tag(run.info.run_id, CRASHED_TAG, "true")
+        c.set_tag(run.info.run_id, "mlflow.note.content", reason)
+        c.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in found]

@@ -45,12 +45,14 @@ def _tool(name: str) -> str:
     return shutil.which(name, path=str(Path(sys.executable).parent)) or name
 
 
-def _start(args: list[str], **env: str) -> subprocess.Popen:
+def _start(args: list[str], defaults: dict[str, str] | None = None,
+           **env: str) -> subprocess.Popen:
     """A server in its own process group, so that stopping it stops its workers too.
 
-    ``env`` holds defaults; the user's environment wins over them.
+    ``defaults``: the user's environment wins over them; ``env`` wins over it.
     """
-    return subprocess.Popen(args, env={**env, **os.environ}, start_new_session=True)
+    return subprocess.Popen(args, env={**(defaults or {}), **os.environ, **env},
+                            start_new_session=True)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -69,6 +71,19 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def prefect_ui_env(port: int) -> dict[str, str]:
+    """Where the Prefect UI (its /ui-settings) tells the browser the API is.
+
+    ``--port`` alone leaves it at the default 4200 (or at a PREFECT_API_URL from
+    the environment), and the page cannot reach its own server. The user's
+    PREFECT_UI_API_URL wins (e.g. behind a proxy).
+    """
+    api = f"http://127.0.0.1:{port}/api"
+    return {"PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", api),
+            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_API_URL": api}
+
+
 def serve_uis(prefect_port: int, mlflow_port: int, tracking_uri: str | None) -> None:
     """Run both UIs until Ctrl-C or SIGTERM (or until one of them exits)."""
     tracking_uri = tracking_uri or default_tracking_uri()
@@ -78,12 +93,12 @@ def serve_uis(prefect_port: int, mlflow_port: int, tracking_uri: str | None) -> 
     procs: list[subprocess.Popen] = []
     try:
         procs.append(_start([_tool("prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(prefect_port)]))
+                             "--port", str(prefect_port)], **prefect_ui_env(prefect_port)))
         # One viewer needs one worker, and no job runner (MLflow's GenAI jobs): both
         # default to 4-11 processes that a small machine would feel.
         procs.append(_start([_tool("mlflow"), "ui", "--backend-store-uri", tracking_uri,
                              "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-                            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+                            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}))
         _wait_until_up(urls[0] + "/api/health", procs[0])
         _wait_until_up(urls[1], procs[1])
         print(f"Prefect UI: {urls[0]}")

@@ -10,11 +10,13 @@ prediction.
 - Weights are read with ``torch.load(weights_only=True)``: loading a model never
   unpickles classes.
 - The model is in eval mode on the CPU. ``model.classes`` lists the classes;
-  ``model(x)`` takes float32 [B,3,H,W] RGB in 0..1 (pixel / 255, no other
-  normalisation) and returns per-class foreground probabilities [B,C,H,W] in
-  0..1 (activation included). H and W must be multiples of ``model.multiple``
-  (= 2**depth, e.g. 16 for depth 4): pad the input (mirroring is best) and crop
-  the output.
+  ``model(x)`` takes float32 [B,3,H,W] RGB in 0..1 (pixel / 255; the model
+  applies its encoder's normalisation itself) and returns per-class foreground
+  probabilities [B,C,H,W] in 0..1 (activation included); ``model.bands(x)``
+  adds the instance-distance band when ``model.instances`` (``model.band_names``).
+  H and W must be multiples of ``model.multiple`` (2**depth for scratch, e.g.
+  16 for depth 4; 32 for smp encoders): pad the input (mirroring is best) and
+  crop the output.
 """
 
 from __future__ import annotations
@@ -47,19 +49,26 @@ class ModelSpecError(ValueError):
 
 
 def _portable(ckpt: Any, source: str) -> dict[str, Any]:
-    """Accept mapgap's Lightning checkpoints too: same weights under ``model.``."""
+    """Accept mapgap's Lightning checkpoints too: same weights under ``model.``.
+
+    The module saves the model's own hparams as ``model_hparams``; checkpoints of
+    the older module only have classes/width/depth/norm/loss (a scratch U-Net).
+    """
     if isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt:
         hp = ckpt.get("hyper_parameters") or {}
-        if "classes" not in hp:
-            raise CheckpointError(f"{source}: a Lightning checkpoint, but not of mapgap's model")
-        from mapgap.models.losses import loss_for
+        if isinstance(hp.get("model_hparams"), dict):
+            hparams = dict(hp["model_hparams"])
+        elif "classes" in hp:
+            from mapgap.models.losses import loss_for
 
-        _, activation = loss_for(hp.get("loss", "bce_dice"))
+            _, activation = loss_for(hp.get("loss", "bce_dice"))
+            hparams = {"classes": list(hp["classes"]), "width": hp.get("width", 16),
+                       "depth": hp.get("depth", 4), "norm": hp.get("norm", "batch"),
+                       "activation": activation}
+        else:
+            raise CheckpointError(f"{source}: a Lightning checkpoint, but not of mapgap's model")
         state = {k[len(LIGHTNING_PREFIX):]: v for k, v in ckpt["state_dict"].items()
                  if k.startswith(LIGHTNING_PREFIX)}
-        hparams = {"classes": list(hp["classes"]), "width": hp.get("width", 16),
-                   "depth": hp.get("depth", 4), "norm": hp.get("norm", "batch"),
-                   "activation": activation}
         return {"format": CHECKPOINT_FORMAT, "hparams": hparams, "state_dict": state}
     return ckpt
 

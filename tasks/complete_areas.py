@@ -23,7 +23,7 @@ import rasterio.features
 import shapely
 
 from mapgap import grid
-from mapgap.conf.schema import read_aoi_file
+from mapgap.conf.base import read_aoi_file
 from mapgap.grid import Tile
 
 

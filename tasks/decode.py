@@ -10,7 +10,9 @@ store the source bytes as they are need neither.
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,9 +20,13 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 # A garbage tile otherwise prints a libpng/libjpeg warning per tile; we report it instead.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+# Pillow only reads headers here (check_size) and warns about sizes far above the
+# limit decode_tile enforces itself; such tiles are refused and reported instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 Format = Literal["jpeg", "png", "webp"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -33,6 +39,10 @@ _OPAQUE, _RGB_BITS = np.uint32(1 << 24), np.uint32(0xFFFFFF)  # in packed BGRA p
 
 class UndecodableTile(ValueError):
     """The bytes are not a complete JPEG, PNG or WebP image."""
+
+
+class OversizedTile(UndecodableTile):
+    """The header announces far more pixels than a tile has: refused undecoded."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,12 +121,8 @@ class Decoded:
                     blank |= colour == (b | g << 8 | r << 16)
             return np.count_nonzero(blank) / blank.size
         px = self.pixels
-        if px.ndim == 3 and px.shape[2] == 3:
-            px = px[::step, ::step]
-            blank = np.zeros(px.shape[:2], np.uint8)
-            for r, g, b in fill_colours:
-                blank |= cv2.inRange(px, (b, g, r), (b, g, r))
-            return cv2.countNonZero(blank) / blank.size
+        if px.ndim == 3 and px.shape[2] == 3:  # BGR: the same count, colours in BGR order
+            return blank_fraction(px[::step, ::step], None, [c[::-1] for c in fill_colours])
         valid = self.valid  # gray (+ alpha), or BGRA not in one block: rare, via RGB
         return blank_fraction(self.rgb[::step, ::step],
                               None if valid is None else valid[::step, ::step], fill_colours)
@@ -143,13 +149,41 @@ def sniff_format(data: bytes) -> Format | None:
     return None
 
 
-def decode_tile(data: bytes) -> Decoded:
-    """Decode JPEG/PNG/WebP bytes (16-bit samples become 8-bit)."""
+def check_size(data: bytes, max_pixels: int) -> None:
+    """Raise :class:`OversizedTile` when the image header (PNG IHDR, JPEG SOF,
+    WebP VP8/VP8L/VP8X chunk; Pillow's lazy open decodes no pixel) announces
+    more than ``max_pixels``. Unreadable headers are left to the decoder."""
+    if len(data) >= 24 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        kind = "PNG"
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                kind = img.format or "image"
+        except Image.DecompressionBombError:  # beyond Pillow's own limit: certainly too large
+            raise OversizedTile(f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} px, refused"
+                                " without decoding it") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return
+    if width * height > max_pixels:
+        raise OversizedTile(f"{kind} of {width}x{height} px, more than {max_pixels:,} px:"
+                            " refused without decoding it")
+
+
+def decode_tile(data: bytes, max_pixels: int | None = None) -> Decoded:
+    """Decode JPEG/PNG/WebP bytes (16-bit samples become 8-bit).
+
+    ``max_pixels``: refuse (:class:`OversizedTile`) an image whose header says
+    it is larger, before decoding: a 12000 x 12000 px PNG is ~400 KB on the wire
+    but 430 MB decoded, in each of the fetch threads."""
     fmt = sniff_format(data)
     if fmt is None:
-        raise UndecodableTile(
-            f"not a JPEG, PNG or WebP image ({len(data)} bytes starting {data[:8]!r})"
-        )
+        # Never quote the bytes: they end up in fetch reports, and a tile folder
+        # may hold anything (a text file, a symlinked secret).
+        raise UndecodableTile(f"not a JPEG, PNG or WebP image ({len(data)} bytes)")
+    if max_pixels is not None:
+        check_size(data, max_pixels)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise UndecodableTile(f"corrupt or truncated {fmt.upper()} ({len(data)} bytes)")

@@ -359,7 +359,8 @@ def start_parent_run(cfg: Any, base: dict[str, Any], pool: dict[str, Any]) -> st
 
 
 ROUND_METRICS = ("fp_pixels_per_tile", "fp_rate", "fp_objects", "fp_pixels", "mistakes_found",
-                 "negatives_added", "negatives_total", "val_iou", "val_precision", "wall_time_s")
+                 "negatives_added", "negatives_total", "val_iou", "val_object_f1", "val_precision",
+                 "wall_time_s")
 
 
 def log_round(cfg: Any, result: dict[str, Any], run_ids: Sequence[str]) -> None:
@@ -384,11 +385,14 @@ def log_picks(cfg: Any, run_id: str, picks_uri: str) -> None:
 
 # --- rounds -----------------------------------------------------------------------------
 
-def _round_result(k: int, checkpoint: str, evaluation: dict[str, Any], val_metrics: dict,
+def _round_result(cfg: Any, k: int, checkpoint: str, evaluation: dict[str, Any], val_metrics: dict,
                   classes: Sequence[str], **extra: Any) -> dict[str, Any]:
     return {"round": k, "checkpoint": checkpoint,
             "checkpoint_fingerprint": storage.fingerprint([checkpoint]),
-            "val_iou": val_metrics[training.MONITOR],
+            "val_iou": val_metrics[training.PIXEL_METRIC],
+            "val_object_f1": val_metrics.get(training.OBJECT_METRIC),
+            "val_score": val_metrics.get(training.selection_metric(cfg), val_metrics[
+                training.PIXEL_METRIC]),
             "val_precision": val_precision(val_metrics, classes),
             **{key: v for key, v in evaluation.items() if key != "per_class"},
             "fp_per_class": evaluation["per_class"], **extra}
@@ -400,7 +404,7 @@ def run_baseline(cfg: Any, pool: dict[str, Any], base: dict[str, Any],
     t0 = time.monotonic()
     area = complete_area(cfg)
     evaluation = evaluate_holdout(cfg, read_checkpoint(base["checkpoint"]), pool, area)
-    result = _round_result(0, base["checkpoint"], evaluation, base["val_metrics"],
+    result = _round_result(cfg, 0, base["checkpoint"], evaluation, base["val_metrics"],
                            trained_classes(cfg), negative_shards=[], negatives_added=0,
                            negatives_total=0, mistakes_found=None, run_id=base["run_id"],
                            registered_model=base["registered_model"], version=base["version"],
@@ -454,7 +458,7 @@ def run_round(cfg: Any, k: int, pool: dict[str, Any], base: dict[str, Any],
     checkpoint = storage.write_bytes(storage.join(round_dir, MODEL_FILE),
                                      storage.read_bytes(trained["checkpoint_uri"]))
     evaluation = evaluate_holdout(cfg, read_checkpoint(checkpoint), pool, area)
-    result = _round_result(k, checkpoint, evaluation, trained["val_metrics"], classes,
+    result = _round_result(cfg, k, checkpoint, evaluation, trained["val_metrics"], classes,
                            **counts, fine_tuned=True, run_id=trained["run_id"],
                            registered_model=trained["registered_model"],
                            version=trained["version"], model_uri=trained["model_uri"],
@@ -487,11 +491,16 @@ def stop_reason(previous: dict[str, Any], result: dict[str, Any], min_gain: floa
     return None
 
 
-def choose_final(history: Sequence[dict[str, Any]], max_iou_drop: float) -> dict[str, Any]:
-    """The round with the lowest held-back FP rate whose val IoU is at most
-    ``max_iou_drop`` below the trained model's (round 0 always qualifies)."""
-    floor = history[0]["val_iou"] - max_iou_drop
-    ok = [r for r in history if r["val_iou"] >= floor]
+def choose_final(history: Sequence[dict[str, Any]], max_drop: float) -> dict[str, Any]:
+    """The round with the lowest held-back FP rate that is at most ``max_drop`` below
+    the trained model on val pixel IoU and on val object F1 (round 0 always
+    qualifies): mining must never make the model worse for mappers."""
+    base = history[0]
+
+    def kept(r: dict[str, Any], key: str) -> bool:
+        return base.get(key) is None or (r.get(key) or 0.0) >= base[key] - max_drop
+
+    ok = [r for r in history if kept(r, "val_iou") and kept(r, "val_object_f1")]
     return min(ok, key=lambda r: (r["fp_rate"], r["round"]))
 
 
@@ -504,7 +513,7 @@ def promote_final(cfg: Any, final: dict[str, Any], base: dict[str, Any],
     c = tracking.client(tracking.tracking_uri(cfg))
     name, version = final["registered_model"], final["version"]
     if final["round"]:
-        tracking.promote(c, name, version, final["val_iou"], replaces=base["version"])
+        tracking.promote(c, name, version, final["val_score"], replaces=base["version"])
     c.set_model_version_tag(name, version, ROUND_TAG, str(final["round"]))
     c.set_tag(parent_run_id, "mapgap.final_model", final["model_uri"])
     return sorted(c.get_model_version(name, version).aliases)

@@ -53,6 +53,7 @@ _STATUS_AVAILABLE = re.compile(r"(\d+) slots? available now")
 _STATUS_WAIT = re.compile(r"Slot available after: \S+, in (-?\d+) seconds?")
 _STATUS_LIMIT = re.compile(r"Rate limit: (\d+)")
 _REMARK_XML = re.compile(r"<remark>(.*?)</remark>", re.S)
+_HTML = re.compile(rb"<(!doctype\s+html|html)[\s>]", re.I)
 
 LonLat = tuple[float, float]
 
@@ -66,7 +67,12 @@ class OverpassRuntimeError(OverpassError):
 
 
 class OverpassReplyError(OverpassError):
-    """The reply is not valid Overpass JSON/XML (cut off, HTML error page...)."""
+    """The reply is not valid Overpass JSON/XML (cut off...): worth asking again."""
+
+
+class OverpassNotOsmError(OverpassReplyError):
+    """A complete reply that is not OSM data (an HTML page, other XML): the same
+    request gets the same page, so it is not retried."""
 
 
 # --- queries ------------------------------------------------------------------------------
@@ -189,9 +195,9 @@ def _retry_after(reply: httpx.Response) -> float | None:
         return None
 
 
-def _error_text(reply: httpx.Response) -> str:
+def _error_text(page: str) -> str:
     """Overpass explains bad queries in an HTML page: keep its first sentence."""
-    text = re.sub(r"<[^>]+>", " ", reply.text)
+    text = re.sub(r"<[^>]+>", " ", page)
     text = " ".join(text.split())
     m = re.search(r"Error: (.*?)(?:$|(?<=\.) )", text)
     return (m.group(1) if m else text)[:200]
@@ -218,12 +224,14 @@ def check_reply(data: bytes, url: str) -> str:
         m = _REMARK_XML.search(text)
         if m:
             raise OverpassRuntimeError(f"{url}: {' '.join(m.group(1).split())}")
+        if _HTML.search(data[:2000]):  # an error page, a proxy's or captive portal's page
+            raise OverpassNotOsmError(f"{url}: an HTML page, not OSM data: {_error_text(text)}")
         try:
             root = ET.fromstring(data)
         except ET.ParseError as err:
             raise OverpassReplyError(f"{url}: malformed XML reply ({err})") from None
         if root.tag != "osm":
-            raise OverpassReplyError(f"{url}: XML reply is not OSM data (<{root.tag}>)")
+            raise OverpassNotOsmError(f"{url}: XML reply is not OSM data (<{root.tag}>)")
         return "xml"
     raise OverpassReplyError(f"{url}: reply is neither JSON nor XML ({data[:40]!r})")
 
@@ -259,8 +267,8 @@ def fetch(endpoint: str, query: str, cache_dir: str, cfg: OverpassConfig) -> str
                 if reply.status_code == 200:
                     try:
                         fmt = check_reply(reply.content, endpoint)
-                    except OverpassRuntimeError:
-                        raise
+                    except (OverpassRuntimeError, OverpassNotOsmError):
+                        raise  # the same request would get the same answer
                     except OverpassReplyError as err:
                         failure = str(err)
                     else:
@@ -272,7 +280,7 @@ def fetch(endpoint: str, query: str, cache_dir: str, cfg: OverpassConfig) -> str
                     delay = min(cfg.max_backoff_s, after) if after is not None else delay
                 else:
                     raise OverpassError(f"{endpoint}: HTTP {reply.status_code}: "
-                                        f"{_error_text(reply)}")
+                                        f"{_error_text(reply.text)}")
             if attempt < cfg.retries:
                 log.warning("overpass: %s; retry %d/%d in %.1f s", failure, attempt + 1,
                             cfg.retries, delay)

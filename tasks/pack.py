@@ -2,8 +2,9 @@
 
 Three steps, each a plain function with a thin Prefect task wrapper:
 
-1. :func:`scan_tiles` (batched): which tiles have imagery and a valid mask, and
-   their pixel count per class.
+1. :func:`scan_tiles` (batched): which tiles have imagery and a valid mask (and,
+   when the harvest wrote distance targets, an sdt PNG), and their pixel count
+   per class.
 2. :func:`plan_split` (in the flow, pure): train/val by spatial blocks - tiles
    are grouped by their parent at ``zoom - split_zoom_offset`` and whole blocks
    go to one split, so neighbouring tiles never straddle it; negatives
@@ -11,7 +12,8 @@ Three steps, each a plain function with a thin Prefect task wrapper:
    positive; the sample order is a seeded hash, so shards mix distant tiles.
 3. :func:`pack_chunk` (batched): write ``{split}-{NNNNNN}.tar`` shards. Chunk
    ``i`` of a split numbers its shards from ``i * SHARD_STRIDE``, so parallel
-   tasks never collide; the manifest lists the shards that exist.
+   tasks never collide; the manifest lists the shards that exist. With
+   distance targets every sample carries its tile's harvested sdt PNG, copied.
 
 :func:`write_manifest` records counts per split and class and the shard list,
 and removes stale ``train-``/``val-`` shards of earlier packs.
@@ -79,6 +81,8 @@ class PackSpec:
     tiles_per_task: int = 2048
     imagery_source: str = ""
     label_source: str = ""
+    # The harvest wrote an sdt PNG per tile: every sample must carry it.
+    distance: bool = False
     # Hash of upstream reports: re-fetched imagery or re-rasterized masks repack.
     inputs_digest: str = ""
 
@@ -93,7 +97,7 @@ class PackSpec:
             split_zoom_offset=p.split_zoom_offset, negative_ratio=p.negative_ratio,
             seed=p.seed, tiles_per_task=p.tiles_per_task,
             imagery_source=cfg.imagery.source, label_source=cfg.labels.source,
-            inputs_digest=inputs_digest,
+            distance=distance_targets(cfg), inputs_digest=inputs_digest,
         )
 
     @property
@@ -104,6 +108,11 @@ class PackSpec:
     def trained_values(self) -> list[int]:
         """Mask values of the trained classes."""
         return [self.classes.index(c) + 1 for c in self.trained]
+
+
+def distance_targets(cfg: Any) -> bool:
+    """Whether harvest wrote an sdt PNG per tile (the same rule as rasterize's)."""
+    return bool(cfg.labels.signed_distance or any(c.separate_instances for c in cfg.classes))
 
 
 # --- reading and validating one tile ---------------------------------------------------
@@ -173,6 +182,33 @@ def read_mask(spec: PackSpec, tile: Tile) -> tuple[np.ndarray, bytes]:
     return mask, data
 
 
+def invalid_distance_value(sdt: np.ndarray) -> str | None:
+    """Why an sdt array holds no valid distance encoding (or None): 0 is reserved
+    for 'no target' in training batches."""
+    if sdt.dtype != np.uint8 or not sdt.all():
+        return "sdt values must be uint8 1..255 (0 marks 'no distance target')"
+    return None
+
+
+def read_distance(spec: PackSpec, tile: Tile) -> bytes:
+    """The tile's harvested sdt PNG bytes, checked but never re-encoded; SkipTile
+    when missing or unusable."""
+    uri = spec.layout.signed_distance(tile)
+    data = _read(uri, "missing_sdt")
+    img = _open_image(uri, data)
+    if img.format != "PNG" or img.mode != "L":
+        raise SkipTile("corrupt", f"{uri}: {img.format} {img.mode}, expected an 8-bit "
+                                  "single-band PNG")
+    sdt = np.asarray(img)
+    if sdt.shape != (spec.tile_size, spec.tile_size):
+        raise SkipTile("size_mismatch", f"{uri}: sdt is {sdt.shape[1]}x{sdt.shape[0]} px, "
+                                        f"tile_size is {spec.tile_size}")
+    bad = invalid_distance_value(sdt)
+    if bad is not None:
+        raise SkipTile("corrupt", f"{uri}: {bad}")
+    return data
+
+
 def read_image(spec: PackSpec, tile: Tile) -> bytes:
     """The tile's image encoded in ``spec.image_format``; SkipTile when unusable.
     PNG bytes are copied untouched when RGB, or RGBA as fetch keeps them (its
@@ -214,6 +250,10 @@ def scan_tiles(spec: PackSpec, tiles: list[Tile]) -> dict[str, Any]:
         try:
             if not storage.exists(spec.layout.image(tile)):
                 raise SkipTile("missing_image", f"{spec.layout.image(tile)}: no such file")
+            if spec.distance and not storage.exists(spec.layout.signed_distance(tile)):
+                raise SkipTile("missing_sdt", f"{spec.layout.signed_distance(tile)}: no such "
+                                              "file (labels.signed_distance / separate_instances "
+                                              "is set: rerun harvest)")
             mask, _ = read_mask(spec, tile)
             counts = pixel_counts(spec, mask)
             if counts["ignore"] == mask.size:
@@ -346,13 +386,14 @@ def pack_chunk(spec: PackSpec, split: str, index: int, keys: list[str], block_zo
             try:
                 mask, mask_png = read_mask(spec, tile)
                 image = read_image(spec, tile)
+                sdt = read_distance(spec, tile) if spec.distance else None
             except SkipTile as skip:
                 skips.add(skip.reason, str(skip))
                 continue
             block = grid.tile_key(grid.parent(tile, block_zoom))
             meta = tile_meta(spec, tile, pixel_counts(spec, mask), split=split, block=block,
                              features=(features or {}).get(key))
-            out.write(sample_dict(key, image, spec.image_format, mask_png, meta))
+            out.write(sample_dict(key, image, spec.image_format, mask_png, meta, sdt))
             tally.add(meta)
     shards = [dict(s.to_dict(), split=split) for s in out.shards]
     return {**tally.to_dict(), "shards": shards, "skipped": skips.to_dict()}
@@ -395,6 +436,8 @@ def write_manifest(spec: PackSpec, plan: dict[str, Any], scan_skips: list[dict[s
         "zoom": spec.zoom,
         "tile_size": spec.tile_size,
         "image_format": spec.image_format,
+        # Every sample carries <key>.sdt.png (the per-instance distance target).
+        "distance": spec.distance,
         "block_zoom": plan["block_zoom"],
         "negative_ratio": spec.negative_ratio,
         "splits": splits,
@@ -431,13 +474,27 @@ class ExtraSample:
 
     ``mask`` None = all background (the model was wrong everywhere it fired);
     otherwise a uint8 label map like the run's masks (0, i+1, 255 ignore).
-    ``image`` None = the run's fetched tile.
+    ``image`` None = the run's fetched tile. ``sdt``: a distance target like the
+    harvested sdt PNGs (uint8 1..255), packed when given; None = the sample has
+    none (training sees distance 0 there: no distance loss).
     """
 
     tile: Tile
     mask: np.ndarray | None = None
     image: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sdt: np.ndarray | None = None
+
+
+def extra_distance(spec: PackSpec, key: str, sdt: np.ndarray) -> bytes:
+    """An extra sample's own distance target as PNG bytes; PackError when unusable."""
+    if sdt.shape != (spec.tile_size, spec.tile_size):
+        raise PackError(f"extra sample {key}: sdt shape is {sdt.shape}, expected "
+                        f"({spec.tile_size}, {spec.tile_size})")
+    bad = invalid_distance_value(sdt)
+    if bad is not None:
+        raise PackError(f"extra sample {key}: {bad}")
+    return png_bytes(sdt)
 
 
 def pack_extra_samples(spec: PackSpec, samples: Iterable[ExtraSample], prefix: str) -> list[str]:
@@ -470,9 +527,10 @@ def pack_extra_samples(spec: PackSpec, samples: Iterable[ExtraSample], prefix: s
             bad = invalid_mask_value(spec, mask)
             if bad is not None:
                 raise PackError(f"extra sample {key}: {bad}")
+            sdt = None if s.sdt is None else extra_distance(spec, key, np.asarray(s.sdt))
             meta = tile_meta(spec, s.tile, pixel_counts(spec, mask), split="train",
                              origin=prefix) | s.meta
-            out.write(sample_dict(key, image, spec.image_format, png_bytes(mask), meta))
+            out.write(sample_dict(key, image, spec.image_format, png_bytes(mask), meta, sdt))
     written = {sh.name for sh in out.shards}
     pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
     for uri in storage.glob(storage.join(shards_dir, f"{prefix}-*.tar")):

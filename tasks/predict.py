@@ -19,7 +19,7 @@ import math
 import os
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -179,14 +179,18 @@ def stored_tiles(directory: str, zoom: int) -> dict[Tile, str]:
 def imagery_digest(tiles: list[Tile], versions: dict[Tile, str]) -> str:
     """What a batch's probabilities depend on besides the model: the versions of
     its tiles and of their neighbours (the context margin), so a re-fetched tile
-    re-predicts its batch and the batches next to it. Of all ``versions`` when
-    ``tiles`` is all of them: the stored imagery as a whole."""
-    around = {n for t in tiles for n in (t, *neighbours(t))} if len(tiles) < len(versions) \
-        else versions.keys()
+    re-predicts its batch and the batches next to it."""
+    around = {n for t in tiles for n in (t, *neighbours(t))}
     h = hashlib.md5()
     for t in sorted(around & versions.keys()):
         h.update(f"{tile_key(t)}={versions[t]};".encode())
     return h.hexdigest()
+
+
+def stored_imagery_digest(layout: RunLayout, zoom: int) -> str:
+    """The run's stored imagery as a whole (for stages that read all of it)."""
+    versions = stored_tiles(layout.images, zoom)
+    return imagery_digest(list(versions), versions)
 
 
 def tiles_to_predict(cfg: Any, layout: RunLayout) -> tuple[dict[Tile, str], int]:
@@ -305,19 +309,39 @@ def read_probability(layout: RunLayout, n_classes: int, tile: Tile) -> np.ndarra
     return decode_probability(data, n_classes, uri)
 
 
-def forward(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Probabilities; with TTA the mean over the identity and three flips."""
-    p = model(x)
+def _flip_mean(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               tta: bool) -> torch.Tensor:
+    """``fn(x)``; with TTA the mean over the identity and three flips."""
+    p = fn(x)
     if tta:
         for dims in ((3,), (2,), (2, 3)):
-            p = p + model(x.flip(dims)).flip(dims)
+            p = p + fn(x.flip(dims)).flip(dims)
         p = p / 4
     return p
 
 
+def forward(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Class probabilities [B, C, H, W] (what mining compares with labels)."""
+    return _flip_mean(model, x, tta)
+
+
+def forward_bands(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Every band the probability PNGs hold: ``model.bands(x)`` (class probabilities,
+    then the instance distance) when the model has it, else the class probabilities.
+    The distance is flip-equivariant like the classes, so TTA averages it too."""
+    return _flip_mean(getattr(model, "bands", model), x, tta)
+
+
+def band_names(model: nn.Module) -> list[str]:
+    """Names of the PNG bands :func:`forward_bands` writes, in order."""
+    return list(getattr(model, "band_names", None) or model.classes)
+
+
 def predict_tiles(layout: RunLayout, tiles: list[Tile], model: nn.Module,
-                  s: PredictSettings) -> dict[str, int]:
-    """Predict ``tiles`` (all with imagery) and write their probability PNGs."""
+                  s: PredictSettings, out: RunLayout | None = None) -> dict[str, int]:
+    """Predict ``tiles`` (all with imagery in ``layout``) and write their probability
+    PNGs to ``out`` (default ``layout``): validation predicts a run's val tiles into a
+    scratch dir, with the run's imagery as context, without touching ``predict/``."""
     if s.threads:
         torch.set_num_threads(s.threads)
     device = resolve_device(s.device)
@@ -331,9 +355,10 @@ def predict_tiles(layout: RunLayout, tiles: list[Tile], model: nn.Module,
             torch.inference_mode():
         for idx, x in loader:
             x = x.to(device, non_blocking=True).float().div_(255)
-            p = forward(model, x, s.tta)[:, :, m:m + size, m:m + size]
+            p = forward_bands(model, x, s.tta)[:, :, m:m + size, m:m + size]
             probs = p.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
-            pending.append(writer.submit(_write_batch, layout, [ordered[i] for i in idx], probs))
+            pending.append(writer.submit(_write_batch, out or layout, [ordered[i] for i in idx],
+                                         probs))
             while len(pending) > 2:  # bounded: never more than a few batches in flight
                 written += pending.popleft().result()
         written += sum(f.result() for f in pending)
@@ -346,11 +371,16 @@ def _write_batch(layout: RunLayout, tiles: list[Tile], probs: np.ndarray) -> int
     return len(tiles)
 
 
-def write_meta(layout: RunLayout, ref: ModelRef, classes: list[str], s: PredictSettings) -> str:
-    """What the probability PNGs mean (class per band) and which model made them."""
+def write_meta(layout: RunLayout, ref: ModelRef, classes: list[str], s: PredictSettings,
+               bands: list[str] | None = None, polygons: dict[str, Any] | None = None) -> str:
+    """What the probability PNGs mean (``bands``: see :func:`band_names`; default the
+    classes), which model made them and how they become polygons (``polygons``: the
+    threshold and minimum area used, and whether they are the model's calibration)."""
     return storage.write_json(layout.predict_meta, {
-        "classes": classes, "model": ref.spec, "model_key": ref.key, "run_id": ref.run_id,
-        "tile_size": s.tile_size, "margin_px": s.window_margin, "tta": s.tta})
+        "classes": classes, "bands": bands or classes, "model": ref.spec, "model_key": ref.key,
+        "run_id": ref.run_id,
+        "tile_size": s.tile_size, "margin_px": s.window_margin, "tta": s.tta,
+        **({"polygons": polygons} if polygons else {})})
 
 
 @stage_task(name="predict-tiles")

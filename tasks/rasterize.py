@@ -14,9 +14,19 @@ Mask values (the contract with packing and training):
 Every tile of the AOI gets a mask, all-background ones included (negatives).
 Per tile the stats record the number of features touching it and the
 foreground fraction per class (before the ignore band). With
-``labels.signed_distance`` a second PNG per tile holds the truncated signed
-distance to the nearest label edge (128 on the edge, 255 deep inside, 1 far
-outside), computed on a padded window so it has no seams between tiles.
+``labels.signed_distance`` (or any class with ``separate_instances``) a second
+PNG per tile holds the truncated signed distance to the nearest label edge
+(128 on the edge, 255 deep inside, 1 far outside), computed on a padded window
+so it has no seams between tiles.
+
+Which edges: with instance classes (``separate_instances``) every polygon of
+those classes keeps its own outline. Each is burnt with its own id, and the
+pixels of an instance next to (8-neighbour) a pixel of another instance are
+edge pixels (d = 0, value 128): a wall shared by two touching houses becomes
+a line of 128 between two interiors, which the model learns and vectorize
+splits along. Where an instance touches only background this is exactly the
+distance of the union, so lone buildings keep the old target. Without
+instance classes the distance is that of the union of all classes (as before).
 
 Cost is linear in tiles + features: a batch reads only the GeoParquet row
 groups touching its bbox, indexes them in an STRtree, and each tile burns
@@ -38,6 +48,7 @@ import shapely
 from affine import Affine
 from rasterio import features as rio_features
 from rasterio.errors import NotGeoreferencedWarning
+from scipy import ndimage
 from shapely.geometry import box
 
 from mapgap import grid, storage
@@ -66,16 +77,27 @@ class RasterSpec:
     zoom: int = 0
     complete_areas: str | tuple[str, ...] | None = None
     complete_areas_digest: str = ""  # the file's content: new areas -> new masks
+    # Classes whose polygons each keep their own outline in the distance target
+    # (touching buildings: two interiors and an edge); () = the union of all classes.
+    instance_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.instance_classes) - set(self.classes))
+        if unknown:
+            raise ValueError(f"instance classes {unknown} are not among the classes "
+                             f"{list(self.classes)}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> RasterSpec:
         areas = cfg.labels.complete_areas
+        instances = tuple(c.name for c in cfg.classes if c.separate_instances)
         return cls(
             classes=tuple(c.name for c in cfg.classes),
             priorities=tuple(c.priority for c in cfg.classes),
             tile_size=cfg.tile_size,
             edge_ignore_px=cfg.labels.edge_ignore_px,
-            signed_distance=cfg.labels.signed_distance,
+            signed_distance=cfg.labels.signed_distance or bool(instances),
+            instance_classes=instances,
             signed_distance_clip_px=cfg.labels.signed_distance_clip_px,
             zoom=cfg.zoom,
             complete_areas=tuple(areas) if isinstance(areas, list) else areas,
@@ -92,6 +114,11 @@ class RasterSpec:
         """Context around a tile: outlines just outside still ignore-band or
         set the distance of pixels inside."""
         return max(self.edge_ignore_px, self.signed_distance_clip_px if self.signed_distance else 0)
+
+    @property
+    def instance_values(self) -> list[int]:
+        """Mask values (class index + 1) of the instance classes."""
+        return [self.classes.index(c) + 1 for c in self.instance_classes]
 
     @property
     def values(self) -> dict[str, int]:
@@ -128,13 +155,39 @@ def edge_band(outlines: np.ndarray, transform: Affine, shape: tuple[int, int],
     return edges.astype(bool)
 
 
-def signed_distance(foreground: np.ndarray, clip_px: int) -> np.ndarray:
-    """uint8 truncated signed distance: 128 + 127 * d / clip, d > 0 inside."""
+def signed_distance(foreground: np.ndarray, clip_px: int,
+                    walls: np.ndarray | None = None) -> np.ndarray:
+    """uint8 truncated signed distance: 128 + 127 * d / clip, d > 0 inside.
+    ``walls``: foreground pixels that are edges themselves (d = 0)."""
     fg = foreground.astype(np.uint8)
-    inside = cv2.distanceTransform(fg, cv2.DIST_L2, 5)
+    core = fg if walls is None else fg & ~walls.astype(bool)
+    inside = cv2.distanceTransform(core.astype(np.uint8), cv2.DIST_L2, 5)
     outside = cv2.distanceTransform(1 - fg, cv2.DIST_L2, 5)
     d = np.clip(np.where(fg > 0, inside, -outside), -clip_px, clip_px)
     return np.clip(np.rint(SDT_EDGE + 127 * d / clip_px), 1, 255).astype(np.uint8)
+
+
+def burn_instances(geoms: np.ndarray, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
+    """int32 image: polygon ``i`` burnt as ``i + 1`` (in order: the last drawn wins)."""
+    out = np.zeros(shape, dtype=np.int32)
+    if len(geoms):
+        rio_features.rasterize(zip(geoms, range(1, len(geoms) + 1), strict=True), out=out,
+                               transform=transform)
+    return out
+
+
+def instance_walls(instances: np.ndarray) -> np.ndarray:
+    """Pixels of an instance with an 8-neighbour in another instance (not background)."""
+    fg = instances > 0
+    above = ndimage.maximum_filter(instances, size=3)
+    below = ndimage.minimum_filter(np.where(fg, instances, np.iinfo(np.int32).max), size=3)
+    return fg & ((above != instances) | (below != instances))
+
+
+def instance_signed_distance(instances: np.ndarray, clip_px: int) -> np.ndarray:
+    """:func:`signed_distance` where every instance keeps its own outline: walls
+    shared by touching instances are edges (128) between their interiors."""
+    return signed_distance(instances > 0, clip_px, instance_walls(instances))
 
 
 def png(array: np.ndarray) -> bytes:
@@ -222,8 +275,19 @@ def rasterize_tile(feats: BatchFeatures, tile: Tile, spec: RasterSpec,
         stats["untrusted"] = round(float(untrusted.mean()), 6)
     sdt = None
     if spec.signed_distance:
-        sdt = signed_distance(full > 0, spec.signed_distance_clip_px)[crop]
+        sdt = distance_target(cut[kept], values[kept], transform, full, spec)[crop]
     return mask, sdt, stats
+
+
+def distance_target(geoms: np.ndarray, values: np.ndarray, transform: Affine,
+                    full: np.ndarray, spec: RasterSpec) -> np.ndarray:
+    """The signed distance of a padded window: per instance of the instance
+    classes, or of the union of every class (``full``, the burnt window)."""
+    clip = spec.signed_distance_clip_px
+    if not spec.instance_classes:
+        return signed_distance(full > 0, clip)
+    own = np.isin(values, spec.instance_values)
+    return instance_signed_distance(burn_instances(geoms[own], transform, full.shape), clip)
 
 
 def order_tiles(tiles: list[Tile]) -> list[Tile]:

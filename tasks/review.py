@@ -10,6 +10,7 @@ internet, like the rest of mapgap.
 from __future__ import annotations
 
 import base64
+import html
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,14 +128,19 @@ def _leaflet_inline() -> tuple[str, str]:
 
 def _grid_style(feature: dict[str, Any]) -> dict[str, Any]:
     iou = feature["properties"].get("iou")
-    colour = "#999999" if iou is None else ("#1a9850" if iou >= 0.6 else
+    colour = "#999999" if not isinstance(iou, int | float) else ("#1a9850" if iou >= 0.6 else
                                             "#fee08b" if iou >= 0.3 else "#d73027")
     return {"color": colour, "weight": 0.5, "fillColor": colour, "fillOpacity": 0.25}
 
 
 def review_html(layers: dict[str, tuple[np.ndarray, list[dict[str, Any]]]], imagery_url: str,
                 zoom: int, title: str = "mapgap review") -> str:
-    """A self-contained Leaflet page: imagery + toggleable vector layers."""
+    """A self-contained Leaflet page: imagery + toggleable vector layers.
+
+    Every text shown (title, layer names, tooltip values) is HTML-escaped here:
+    folium's tooltips and Leaflet's layer list assign HTML strings to innerHTML,
+    and label files come from anyone (an ``osm_type`` of ``<img onerror=...>``
+    must show as text, not run)."""
     import folium
     from branca.element import Element
 
@@ -148,7 +154,7 @@ def review_html(layers: dict[str, tuple[np.ndarray, list[dict[str, Any]]]], imag
     fmap.default_js, fmap.default_css = [], []
     css, js = _leaflet_inline()
     header = fmap.get_root().header
-    header.add_child(Element(f"<title>{title}</title>"), name="title")
+    header.add_child(Element(f"<title>{html.escape(title)}</title>"), name="title")
     header.add_child(Element(f"<style>{css}</style>"), name="leaflet_css")
     header.add_child(Element(f"<script>{js}</script>"), name="leaflet_js")
     folium.TileLayer(imagery_url, attr="imagery", name="Imagery", max_native_zoom=zoom,
@@ -161,7 +167,7 @@ def review_html(layers: dict[str, tuple[np.ndarray, list[dict[str, Any]]]], imag
             fixed = _STYLES[name]
             style = lambda _f, s=fixed: s  # noqa: E731 - folium wants a callable
         fields = [f for f in _TOOLTIPS[name] if props and all(f in p for p in props)]
-        folium.GeoJson(_collection(geoms, props), name=f"{name} ({len(geoms)})",
+        folium.GeoJson(_collection(geoms, props), name=html.escape(f"{name} ({len(geoms)})"),
                        style_function=style, show=name != "Quality grid (tile IoU)",
                        tooltip=folium.GeoJsonTooltip(fields) if fields else None).add_to(fmap)
     folium.LayerControl(collapsed=False).add_to(fmap)
@@ -180,9 +186,14 @@ def _collection(geoms: np.ndarray, props: list[dict[str, Any]]) -> dict[str, Any
 
 
 def _plain(props: dict[str, Any]) -> dict[str, Any]:
-    """Tooltips show scalars; lists and dicts become short strings."""
-    return {k: v if isinstance(v, str | int | float | type(None)) else json.dumps(v)[:200]
-            for k, v in props.items()}
+    """Tooltips show scalars; lists and dicts become short strings; every string is
+    HTML-escaped, as the tooltip puts it into innerHTML."""
+    out: dict[str, Any] = {}
+    for k, v in props.items():
+        if not isinstance(v, str | int | float | type(None)):
+            v = json.dumps(v)[:200]
+        out[k] = html.escape(v) if isinstance(v, str) else v
+    return out
 
 
 def _bounds(arrays: list[np.ndarray]) -> tuple[float, ...] | None:

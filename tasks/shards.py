@@ -1,9 +1,11 @@
 """The WebDataset shard format shared by packing, training and mining.
 
 A sample is one tile: ``<key>.image.png`` (or ``.image.webp``), ``<key>.mask.png``
-(0 background, i+1 for class i of ``meta["classes"]``, 255 ignore) and
-``<key>.meta.json``; the key is ``z{z}_{x}_{y}`` (no dots: WebDataset splits
-file names at the first dot).
+(0 background, i+1 for class i of ``meta["classes"]``, 255 ignore),
+``<key>.meta.json`` and, when the run's harvest wrote distance targets,
+``<key>.sdt.png`` (the tile's signed-distance PNG as harvested: uint8, 1..255,
+128 on an instance outline); the key is ``z{z}_{x}_{y}`` (no dots: WebDataset
+splits file names at the first dot).
 
 Shards are written by :class:`AtomicShardWriter`: each ``<prefix>-NNNNNN.tar``
 appears whole or not at all, locally and on S3, so an interrupted pack never
@@ -33,6 +35,7 @@ IGNORE = 255
 IMAGE_KEYS = ("image.png", "image.webp")
 MASK_KEY = "mask.png"
 META_KEY = "meta.json"
+SDT_KEY = "sdt.png"
 # wds handles plain paths itself; everything else fsspec knows goes through fsspec.
 _NATIVE = {"file", "local"}
 
@@ -91,14 +94,18 @@ def encode_image(rgb: np.ndarray, fmt: str, webp_quality: int = 90) -> bytes:
 
 
 def sample_dict(key: str, image: bytes, image_format: str, mask: bytes,
-                meta: dict[str, Any]) -> dict[str, Any]:
-    """A WebDataset sample whose values are already-encoded bytes."""
-    return {
+                meta: dict[str, Any], sdt: bytes | None = None) -> dict[str, Any]:
+    """A WebDataset sample whose values are already-encoded bytes; ``sdt``: the
+    distance-target PNG, when the sample has one."""
+    sample = {
         "__key__": key,
         f"image.{image_format}": image,
         MASK_KEY: mask,
         META_KEY: json.dumps(meta, sort_keys=True).encode(),
     }
+    if sdt is not None:
+        sample[SDT_KEY] = sdt
+    return sample
 
 
 # --- decoding --------------------------------------------------------------------------
@@ -141,6 +148,31 @@ def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[
         raise CorruptSampleError(f"{where}: image is {image.shape[1]}x{image.shape[0]} px "
                                  f"but mask is {mask.shape[1]}x{mask.shape[0]} px")
     return image, mask, meta
+
+
+def decode_distance(sample: dict[str, Any]) -> np.ndarray | None:
+    """The sample's distance target as uint8 [H,W], or None when it has none (shards
+    of runs without distance targets, mined samples without one). Raises
+    CorruptSampleError for undecodable bytes or a size other than the mask's."""
+    if SDT_KEY not in sample:
+        return None
+    where = _where(sample)
+    if MASK_KEY not in sample:
+        raise CorruptSampleError(f"{where}: missing {MASK_KEY}")
+    try:
+        sdt = Image.open(io.BytesIO(sample[SDT_KEY]))
+        if sdt.mode != "L":
+            raise CorruptSampleError(f"{where}: {SDT_KEY} mode is {sdt.mode}, expected 8-bit")
+        width, height = Image.open(io.BytesIO(sample[MASK_KEY])).size  # header only
+        sdt = np.asarray(sdt)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        if isinstance(err, CorruptSampleError):
+            raise
+        raise CorruptSampleError(f"{where}: cannot decode {SDT_KEY} ({err})") from None
+    if sdt.shape != (height, width):
+        raise CorruptSampleError(f"{where}: {SDT_KEY} is {sdt.shape[1]}x{sdt.shape[0]} px "
+                                 f"but mask is {width}x{height} px")
+    return sdt
 
 
 # --- writing ---------------------------------------------------------------------------

@@ -36,12 +36,22 @@ import numpy as np
 from mapgap import storage
 from mapgap.conf.imagery import ImageryConfig
 from mapgap.grid import Tile, children, tile_key
-from mapgap.progress import track
-from mapgap.tasks.decode import Decoded, UndecodableTile, decode_tile, fit_mask, fit_to_size
+from mapgap.progress import get_logger, track
+from mapgap.tasks.decode import (
+    Decoded,
+    OversizedTile,
+    UndecodableTile,
+    decode_tile,
+    fit_mask,
+    fit_to_size,
+)
 from mapgap.tasks.tilestore import FetchReport, ImageryError, TileStore
 
 USER_AGENT = f"mapgap/{metadata.version('mapgap')} (imagery fetch)"
 _MISSING_STATUS = frozenset({204, 404, 410})
+# Images up to 4x the expected side (16x the pixels) are resampled; larger ones are
+# refused from their header, before decoding.
+MAX_SIDE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -54,9 +64,8 @@ class TileTemplate:
 
     @classmethod
     def from_config(cls, imagery: ImageryConfig) -> TileTemplate:
-        uses_key = "{key}" in imagery.source or any("{key}" in v for v in imagery.headers.values())
-        if uses_key and not imagery.api_key_env:
-            raise ImageryError(f"{imagery.source}: uses {{key}} but imagery.api_key_env is not set")
+        """The config checked {key} against api_key_env at load; the variable
+        itself is read here, in the process that fetches."""
         key = None
         if imagery.api_key_env:
             key = os.environ.get(imagery.api_key_env)
@@ -89,14 +98,32 @@ class TileTemplate:
         """``text`` with the API key masked (for anything logged or reported)."""
         return text.replace(self.api_key, "***") if self.api_key else text
 
+    @property
+    def local_folder(self) -> str | None:
+        """The tile folder of a local template (its path before the first
+        placeholder); None for http(s) and object stores."""
+        if self.is_http or storage.is_remote(self.template):
+            return None
+        static = self.template.removeprefix("file://").split("{", 1)[0]
+        return static if static.endswith("/") else os.path.dirname(static)
+
     def check_local(self) -> None:
         """A tile folder that does not exist is a config mistake, not 'all tiles missing'."""
-        if self.is_http or storage.is_remote(self.template):
-            return
-        static = self.template.removeprefix("file://").split("{", 1)[0]
-        folder = static if static.endswith("/") else os.path.dirname(static)
+        folder = self.local_folder
         if folder and not os.path.isdir(folder):
             raise ImageryError(f"{self.template}: tile folder {folder} does not exist")
+
+    def escapes_folder(self, path: str) -> str | None:
+        """Why a local tile file may not be read, or None: a symlink (anywhere on
+        its path) that leads out of the tile folder would copy any file the user
+        can read (``/etc/passwd``, keys) into the run and its reports."""
+        folder = self.local_folder
+        if not folder:
+            return None
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+        if os.path.commonpath([real, root]) == root:
+            return None
+        return f"{path}: a symlink to outside the tile folder {folder}: refused"
 
 
 class _RedactKeys(logging.Filter):
@@ -217,6 +244,10 @@ class Fetcher:
             )
 
     def _read(self, path: str) -> Response:
+        path = path.removeprefix("file://")
+        refused = self.template.escapes_folder(path)
+        if refused:
+            return Response("failed", reason=refused)
         try:
             data = storage.read_bytes(path)
         except storage.StorageError:
@@ -270,8 +301,33 @@ class Fetched:
     reason: str = ""
 
 
-def _fetch_decoded(fetcher: Fetcher, source: Tile, report: FetchReport, tile: Tile) -> Fetched:
-    """Fetch and decode ``source`` (``tile`` itself or one of its children)."""
+class _ResampleWarning:
+    """Warns once per process (= once per run with the thread runner) for each
+    source and image size that must be resampled to the tile grid: a server
+    sending 1x1 or 512 px images is worth knowing about, not worth 10,000 lines."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, tuple[int, int], int]] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, template: str, shape: tuple[int, int], size: int) -> None:
+        key = (template, shape, size)
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        get_logger().warning(
+            "imagery: %s sends %dx%d px tiles; resampling them to %d px (warned once)",
+            template, shape[1], shape[0], size)
+
+
+_warn_resampled = _ResampleWarning()
+
+
+def _fetch_decoded(fetcher: Fetcher, source: Tile, report: FetchReport, tile: Tile,
+                   size: int) -> Fetched:
+    """Fetch and decode ``source`` (``tile`` itself or one of its children),
+    whose pixels should be ``size`` px square."""
     resp = fetcher.get(source)
     if resp.kind != "ok":
         return Fetched(resp.kind, reason=resp.reason)
@@ -279,13 +335,18 @@ def _fetch_decoded(fetcher: Fetcher, source: Tile, report: FetchReport, tile: Ti
         where = "" if source == tile else f"child {tile_key(source)}: "
         report.add("retried", tile, where + resp.transient, attempts=resp.attempts)
     try:
-        return Fetched("ok", decode_tile(resp.data), resp.data)
+        decoded = decode_tile(resp.data, max_pixels=(MAX_SIDE_FACTOR * size) ** 2)
+    except OversizedTile as err:
+        return Fetched("failed", reason=f"too large: {err}")
     except UndecodableTile as err:
         return Fetched("failed", reason=f"undecodable: {err}")
+    if decoded.shape != (size, size) and decoded.shape[0] == decoded.shape[1]:
+        _warn_resampled(fetcher.template.template, decoded.shape, size)
+    return Fetched("ok", decoded, resp.data)
 
 
 def fetch_one(fetcher: Fetcher, tile: Tile, store: TileStore, report: FetchReport) -> None:
-    got = _fetch_decoded(fetcher, tile, report, tile)
+    got = _fetch_decoded(fetcher, tile, report, tile, store.tile_size)
     if got.decoded is not None:
         store.save_source(tile, got.raw, got.decoded, report)
     else:
@@ -299,7 +360,7 @@ def fetch_overzoomed(fetcher: Fetcher, tile: Tile, store: TileStore, report: Fet
     valid = np.zeros((size, size), bool)
     found = 0
     for i, child in enumerate(children(tile, tile.z + 1)):  # row-major: sorted by (y, x)
-        got = _fetch_decoded(fetcher, child, report, tile)
+        got = _fetch_decoded(fetcher, child, report, tile, half)
         if got.kind == "missing":
             continue
         if got.decoded is None or got.decoded.shape[0] != got.decoded.shape[1]:

@@ -3,6 +3,7 @@ exits with code 2."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,8 @@ def test_demo_config_validates_with_generated_sources(tmp_path: Path) -> None:
     pbf = tmp_path / "town.osm.pbf"
     pbf.write_bytes(b"")
     complete = tmp_path / "complete_areas.geojson"
-    complete.write_text('{"type": "FeatureCollection", "features": []}')
+    complete.write_text('{"type": "Polygon", "coordinates": [[[32.59, 0.34], [32.6, 0.34],'
+                        ' [32.6, 0.35], [32.59, 0.34]]]}')
     scene = SimpleNamespace(bbox=(32.59, 0.34, 32.60, 0.35), zoom=18, pbf=pbf,
                             complete_areas=complete)
     cfg = demo_config(scene, "http://127.0.0.1:8000/{z}/{x}/{y}.png", tmp_path)
@@ -159,3 +161,106 @@ def test_demo_config_validates_with_generated_sources(tmp_path: Path) -> None:
     assert cfg.run_uri == str(tmp_path / "runs" / "demo")
     write_resolved_config(cfg, tmp_path / "demo.yaml")  # what stages rerun by hand read
     assert load_config(tmp_path / "demo.yaml") == cfg
+
+
+# --- everything the config alone can tell is checked at load -------------------------------
+
+CONTINENT = [-20, -35, 50, 35]
+
+
+def _files(tmp_path: Path) -> None:
+    (tmp_path / "broken.geojson").write_text('{"type": "FeatureCollection", "features": [')
+    (tmp_path / "points.geojson").write_text('{"type": "Point", "coordinates": [32.6, 0.3]}')
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "problem"),
+    [
+        (with_(aoi="broken.geojson"), "aoi", "not a GeoJSON file of polygons"),
+        (with_(aoi="points.geojson"), "aoi", "no polygon with area"),
+        (with_(imagery={"source": "ftp://host/{z}/{x}/{y}.png"}), "imagery.source",
+         "unsupported URI scheme ftp://"),
+        (with_(imagery={"source": "ftp://host/ortho.tif"}), "imagery.source",
+         "unsupported URI scheme ftp://"),
+        (with_(imagery={"source": "https://t/{z}/{x}/{y}.png?key={key}"}), "imagery",
+         "api_key_env"),
+        (with_(imagery={"source": "https://t/{z}/{x}/{y}.png", "api_key_env": "K"}), "imagery",
+         "neither source nor a header uses {key}"),
+        (with_(train__classes=["nosuch"]), "train.classes", "unknown class 'nosuch'"),
+        (with_(labels__complete_areas="broken.geojson"), "labels.complete_areas",
+         "not a GeoJSON file of polygons"),
+        (with_(labels__complete_areas=["z19_1_1"]), "labels.complete_areas",
+         "finer than the run's zoom 18"),
+        (with_(aoi=CONTINENT), "aoi", "tiles at zoom 18, more than max_tiles=2,000,000"),
+        (with_(classes=[{"name": "building"}]), "classes[0].tags", "required with an OSM"),
+    ],
+)
+def test_config_only_problems_fail_the_load(
+    tmp_path: Path, data: dict, field: str, problem: str
+) -> None:
+    _files(tmp_path)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {field}: "), message
+    assert problem in message, message
+
+
+@pytest.mark.timeout(30)  # counted from the AOI's corners: billions of tiles are not listed
+def test_a_continent_at_zoom_18_fails_fast_saying_how_to_fix_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, with_(aoi=CONTINENT)))
+    msg = str(err.value)
+    assert "2,776,805,148 tiles" in msg  # 50,973 columns x 54,476 rows
+    assert "split the AOI" in msg and "raise max_tiles" in msg
+    # A GeoJSON AOI is bounded by its parts' boxes, a raised cap lets it through.
+    (tmp_path / "two.geojson").write_text(json.dumps({"type": "MultiPolygon", "coordinates": [
+        [[[-20, -35], [-18, -35], [-18, -33], [-20, -35]]],
+        [[[48, 33], [50, 33], [50, 35], [48, 35], [48, 33]]]]}))
+    with pytest.raises(ConfigError, match=r"aoi: up to [\d,]+ tiles at zoom 18"):
+        load_config(write(tmp_path, with_(aoi="two.geojson")))
+    cfg = load_config(write(tmp_path, with_(aoi="two.geojson", zoom=12, max_tiles=5000)))
+    assert cfg.max_tiles == 5000
+    with pytest.raises(ConfigError, match=r"aoi: up to 1[\d,]+ tiles at zoom 12, more than "
+                                          r"max_tiles=1,000"):
+        load_config(write(tmp_path, with_(aoi="two.geojson", zoom=12, max_tiles=1000)))
+
+
+def test_non_utf8_config_and_unset_key_variable(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, MINIMAL)
+    path.write_bytes(path.read_bytes() + b"# caf\xe9 (Latin-1)\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = path.read_bytes().count(b"\n")
+    assert str(err.value).startswith(f"{path}: line {lines}: not UTF-8 text (byte 0xe9)")
+    assert "\n" not in str(err.value)
+    monkeypatch.delenv("MAPGAP_TEST_UNSET_KEY", raising=False)
+    keyed = with_(imagery={"source": "https://t/{z}/{x}/{y}.png?key={key}",
+                           "api_key_env": "MAPGAP_TEST_UNSET_KEY"})
+    with pytest.raises(ConfigError, match=r"c.yaml: imagery.api_key_env: environment variable "
+                                          r"MAPGAP_TEST_UNSET_KEY is not set"):
+        load_config(write(tmp_path, keyed))
+    monkeypatch.setenv("MAPGAP_TEST_UNSET_KEY", "k")
+    assert load_config(write(tmp_path, keyed)).imagery.api_key_env == "MAPGAP_TEST_UNSET_KEY"
+
+
+@pytest.mark.parametrize("case", ["aoi", "key", "ftp", "classes", "utf8"])
+def test_cli_load_errors_are_one_line_exit_2(tmp_path: Path, case: str) -> None:
+    _files(tmp_path)
+    data = {
+        "aoi": with_(aoi="broken.geojson"),
+        "key": with_(imagery={"source": "https://t/{z}/{x}/{y}.png?key={key}",
+                              "api_key_env": "MAPGAP_TEST_UNSET_KEY"}),
+        "ftp": with_(imagery={"source": "ftp://host/{z}/{x}/{y}.png"}),
+        "classes": with_(train__classes=["nosuch"]),
+        "utf8": MINIMAL,
+    }[case]
+    path = write(tmp_path, data)
+    if case == "utf8":
+        path.write_bytes(b"# \xff\xfe\n" + path.read_bytes())
+    line = cli_error(path)  # exit 2, one line (so no traceback)
+    assert line.startswith(f"error: {path}: ")
+    assert "Traceback" not in line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -158,3 +159,15 @@ def test_encode_png_is_lossless_rgb8() -> None:
     data = encode_png(rgb)
     assert sniff_format(data) == "png" and (data[24], data[25]) == (8, 2)  # 8-bit truecolour
     assert (decode_tile(data).rgb == rgb).all()
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp"])
+def test_size_is_checked_from_the_header_before_decoding(ext: str) -> None:
+    from mapgap.tasks.decode import OversizedTile
+
+    data = cv2.imencode(ext, np.full((300, 200, 3), 120, np.uint8))[1].tobytes()
+    with pytest.raises(OversizedTile, match=r"of 200x300 px, more than 59,999 px"):
+        decode_tile(data, max_pixels=59_999)
+    assert decode_tile(data, max_pixels=60_000).shape == (300, 200)
+    with pytest.raises(UndecodableTile, match="truncated"):  # a cut header: the decoder says
+        decode_tile(data[:20], max_pixels=60_000)

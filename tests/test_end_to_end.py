@@ -23,8 +23,9 @@ from mapgap.tasks.predict import stored_tiles
 SECRET = "mapgap-e2e-secret-7f3a9c"  # a distinctive secret key to look for in outputs
 TINY = {
     "pack": {"split_zoom_offset": 1},
-    "train": {"epochs": 2, "steps_per_epoch": 8, "batch_size": 4, "crop_size": 128,
-              "width": 8, "depth": 3, "norm": "group", "num_workers": 0, "preview_samples": 2},
+    "train": {"architecture": "scratch", "epochs": 2, "steps_per_epoch": 8, "batch_size": 4,
+              "crop_size": 128, "width": 8, "depth": 3, "norm": "group", "num_workers": 0,
+              "preview_samples": 2},
     "mining": {"rounds": 1, "min_gain": 0.0, "finetune_epochs": 1, "max_negatives": 8},
     "inference": {"loader_workers": 0, "batch_size": 4, "tiles_per_task": 8},
     "runner": {"kind": "thread", "workers": 2},

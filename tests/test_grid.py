@@ -71,3 +71,25 @@ def test_metric_measures_are_metres() -> None:
     assert side == pytest.approx(256 * grid.metres_per_pixel(tile, 256), rel=0.01)
     assert crs.to_epsg() == 32636
     assert list(grid.iter_batches(range(5), 2)) == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize(("bbox", "zoom"), [
+    ((32.59, 0.34, 32.60, 0.35), 18), ((-0.01, -0.01, 0.01, 0.01), 16),
+    ((179.5, -85.2, 180, -84.9), 9), ((-180, -90, 180, 90), 3), ((10, 10, 10.0001, 10.0001), 5),
+    ((2.25, 48.8, 2.5, 48.9), 14),  # edges on tile boundaries at some zooms
+])
+def test_tile_count_is_arithmetic_and_matches_the_listing(bbox, zoom) -> None:
+    from mapgap.grid import bbox_tile_count, tiles_for_bbox
+
+    assert bbox_tile_count(bbox, zoom) == len(tiles_for_bbox(bbox, zoom))
+
+
+def test_geometry_bound_is_an_upper_bound_without_listing_tiles() -> None:
+    from shapely.geometry import MultiPolygon, box
+
+    from mapgap.grid import bbox_tile_count, geometry_tile_bound, tiles_for_geometry
+
+    two = MultiPolygon([box(0, 0, 0.01, 0.01), box(1, 1, 1.01, 1.01)])
+    assert len(tiles_for_geometry(two, 16)) <= geometry_tile_bound(two, 16) < bbox_tile_count(
+        two.bounds, 16) / 100
+    assert geometry_tile_bound(box(-20, -35, 50, 35), 18) == 50_973 * 54_476  # not listed

@@ -406,3 +406,56 @@ def test_fetch_flow_with_no_tile_at_all_fails_with_one_line(tmp_path: Path) -> N
     msg = str(err.value)
     assert "\n" not in msg and "none of the 2 AOI tiles could be fetched (2 missing" in msg
     assert storage.exists(RunLayout(cfg.run_uri).fetch_report)
+
+
+# --- images far larger than a tile ---
+
+def _flat_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A one-colour RGB PNG, compressed row block by row block (never the whole
+    image in memory): 12000x12000 px is ~2 MB on the wire, 430 MB decoded."""
+    import struct
+    import zlib
+
+    from mapgap.tasks.decode import PNG_SIGNATURE, _chunk
+
+    comp = zlib.compressobj(1)
+    parts = [comp.compress(b"\x00" + bytes(rgb) * width)]  # then "Up": rows of zeros
+    block = (b"\x02" + bytes(3 * width)) * 500
+    for done in range(1, height, 500):
+        parts.append(comp.compress(block[: (1 + 3 * width) * min(500, height - done)]))
+    parts.append(comp.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", b"".join(parts)),
+                     _chunk(b"IEND", b"")))
+
+
+def test_huge_images_are_refused_from_their_header_and_resampling_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    folder = tmp_path / "served"
+    z, row = 18, 500
+    huge, one_px, big = Tile(1, row, z), Tile(2, row, z), Tile(3, row, z)
+    retina = [Tile(x, row, z) for x in range(4, 7)]
+    sizes = {huge: 12000, one_px: 1, big: 1025, **{t: 512 for t in retina}}
+    for t, side in sizes.items():
+        (folder / str(z) / str(t.x)).mkdir(parents=True)
+        (folder / f"{z}/{t.x}/{row}.png").write_bytes(_flat_png(side, side, (40, 90, 200)))
+    assert (folder / f"{z}/{huge.x}/{row}.png").stat().st_size < 3_000_000
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with caplog.at_level(logging.WARNING, logger="mapgap"), \
+            TileServer(folder, "{z}/{x}/{y}.png") as server:
+        report = fetch_batch(str(tmp_path / "run"), imagery(server.url_template), 256,
+                             list(sizes))
+        assert server.hits[huge] == 1  # a permanent problem: not retried
+    # Never decoded (430 MB per copy); the 1025 px one (16 MB) is refused too.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200_000
+    failures = by_tile(report["failures"])
+    assert set(failures) == {tile_key(huge), tile_key(big)}
+    assert failures[tile_key(huge)]["reason"] == (
+        "too large: PNG of 12000x12000 px, more than 1,048,576 px: refused without decoding it")
+    assert report["counts"]["fetched"] == 4
+    resampled = [r.getMessage() for r in caplog.records if "resampling" in r.getMessage()]
+    assert len(resampled) == 2, resampled  # once for 512 px, once for 1 px: not per tile
+    assert any("512x512 px tiles; resampling them to 256 px" in m for m in resampled)

@@ -246,6 +246,11 @@ def test_relative_gain_and_final_choice() -> None:
                {"round": 1, "val_iou": 0.69, "fp_rate": 0.02},
                {"round": 2, "val_iou": 0.60, "fp_rate": 0.01}]  # too much IoU lost
     assert mining.choose_final(history, 0.02)["round"] == 1
+    # Object F1 guards too: fewer false positives never buy a worse model for mappers.
+    history = [{"round": 0, "val_iou": 0.70, "val_object_f1": 0.60, "fp_rate": 0.03},
+               {"round": 1, "val_iou": 0.71, "val_object_f1": 0.50, "fp_rate": 0.01},
+               {"round": 2, "val_iou": 0.69, "val_object_f1": 0.61, "fp_rate": 0.02}]
+    assert mining.choose_final(history, 0.02)["round"] == 2
 
 
 def test_stop_rule() -> None:
@@ -274,9 +279,9 @@ def test_mining_needs_the_train_stage(tmp_path: Path) -> None:
 # (num_workers 0), 2 x 2 tile val blocks so ~20% of the 7 x 7 tiles are val.
 FAST = {
     "pack": {"split_zoom_offset": 1},
-    "train": {"epochs": 8, "steps_per_epoch": 25, "batch_size": 4, "crop_size": 128,
-              "width": 8, "depth": 3, "norm": "group", "lr": 0.01, "num_workers": 0,
-              "preview_samples": 0},
+    "train": {"architecture": "scratch", "epochs": 8, "steps_per_epoch": 25, "batch_size": 4,
+              "crop_size": 128, "width": 8, "depth": 3, "norm": "group", "lr": 0.01,
+              "num_workers": 0, "preview_samples": 0},
     "mining": {"rounds": 2, "min_gain": 0.0, "finetune_epochs": 4, "max_negatives": 32},
     "inference": {"loader_workers": 0, "batch_size": 4},
     "runner": {"kind": "thread", "workers": 1},

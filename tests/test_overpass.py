@@ -433,3 +433,27 @@ def test_flow_rerun_asks_only_the_failed_box(server: ReplayServer, tmp_path: Pat
         values |= set(np.unique(np.asarray(Image.open(storage.join(
             cfg.run_uri, "masks", str(t.z), str(t.x), f"{t.y}.png")))).tolist())
     assert values <= {0, 1, 2} and 1 in values
+
+
+@pytest.mark.parametrize(("page", "text"), [
+    # what Overpass itself, a proxy or a captive portal answer with status 200
+    ('<?xml version="1.0" encoding="UTF-8"?>\n<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0'
+    ' Strict//EN" "http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">\n<html'
+    ' xmlns="http://www.w3.org/1999/xhtml"><head><title>OSM3S Response</title></head><body>'
+    '<p><strong>Error</strong>: Error: line 1: parse error: Key expected. </p></body></html>',
+     "an HTML page, not OSM data: line 1: parse error: Key expected."),
+    ("<!DOCTYPE html><html><head><title>Sign in</title></head><body><p>Error: Please sign in"
+     " to use this network.<br></body></html>",
+     "an HTML page, not OSM data: Please sign in to use this network."),
+    ('<?xml version="1.0"?><rss version="2.0"><channel><title>news</title></channel></rss>',
+     "XML reply is not OSM data (<rss>)"),
+])
+def test_a_permanent_non_osm_reply_is_not_retried(server: ReplayServer, tmp_path: Path,
+                                                 page: str, text: str) -> None:
+    (tmp_path / "page.html").write_text(page)
+    server.reply(str(tmp_path / "page.html"))
+    with pytest.raises(OverpassError) as err:
+        run(server, tmp_path)
+    assert len(server.interpreter_requests()) == 1  # asking again gets the same page
+    assert str(err.value) == f"{server.url}: {text}"
+    assert not (tmp_path / "cache").exists()

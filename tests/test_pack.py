@@ -1,5 +1,6 @@
 """Packing: round trip, spatial split without leakage, negative ratio, atomic
-shards (local and S3), bad tiles skipped and counted, extra (mined) samples."""
+shards (local and S3), bad tiles skipped and counted, extra (mined) samples,
+distance targets (sdt PNGs) carried as harvested."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mapgap.tasks import pack
 from mapgap.tasks.shards import (
     AtomicShardWriter,
     CorruptSampleError,
+    decode_distance,
     decode_sample,
     png_bytes,
     register_gopen_schemes,
@@ -53,8 +55,8 @@ def make_config(root: str, tmp_path: Path, n: int = 6, **sections: Any) -> Any:
         "pack": {"split_zoom_offset": 2, "val_fraction": 0.25, "negative_ratio": 0.5,
                  "maxcount": 5},
     }
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
+    for name, values in sections.items():  # sections are merged, lists replaced
+        data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
     return validate_config(data, "test", tmp_path)
 
 
@@ -83,14 +85,27 @@ def write_tile(layout: RunLayout, tile: grid.Tile, image: np.ndarray, mask: np.n
         storage.write_bytes(uri, buf.getvalue())
 
 
-def make_run(cfg: Any, negatives_every: int = 2) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Write images + masks for the config's tiles; every ``negatives_every``-th tile
-    has no features. Returns what was written per key."""
+def synthetic_sdt(mask: np.ndarray) -> np.ndarray:
+    """A distance-target stand-in: > 128 exactly on buildings (and their ignore
+    sliver), 1..127 elsewhere, varying with the position so that a mirrored or
+    shifted copy never equals it."""
+    rows, cols = np.indices(mask.shape)
+    inside = (mask == 1) | (mask == 255)
+    return np.where(inside, 129 + cols % 127, 1 + rows % 127).astype(np.uint8)
+
+
+def make_run(cfg: Any, negatives_every: int = 2,
+             sdt: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write images + masks (and with ``sdt`` the harvest's sdt PNGs) for the
+    config's tiles; every ``negatives_every``-th tile has no features. Returns what
+    was written per key."""
     layout = RunLayout(cfg.run_uri)
     written = {}
     for i, tile in enumerate(grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom)):
         image, mask = synthetic_tile(i, 0 if i % negatives_every == 0 else 3)
         write_tile(layout, tile, image, mask)
+        if sdt:
+            storage.write_bytes(layout.signed_distance(tile), png_bytes(synthetic_sdt(mask)))
         written[grid.tile_key(tile)] = (image, mask)
     return written
 
@@ -148,6 +163,7 @@ def test_round_trip_split_and_ratio(root: str, tmp_path: Path) -> None:
             assert meta["pixels"]["building"] == int((want_mask == 1).sum())
             assert meta["pixels"]["ignore"] == int((want_mask == 255).sum())
             assert meta["classes"] == ["building", "road"]
+            assert "sdt.png" not in sample and decode_distance(sample) is None
             seen[sample["__key__"]] = split
         # negatives kept at the configured ratio (as far as there are negatives)
         want_neg = min(info["negatives_available"], round(0.5 * info["positives"]))
@@ -162,6 +178,41 @@ def test_round_trip_split_and_ratio(root: str, tmp_path: Path) -> None:
     assert all(len(s) == 1 for s in blocks.values())
     assert {s for v in blocks.values() for s in v} == {"train", "val"}
     assert not manifest["skipped"]["counts"]
+    assert manifest["distance"] is False
+
+
+def test_distance_targets_are_packed_as_harvested(tmp_path: Path) -> None:
+    """labels.signed_distance: every sample carries its tile's sdt PNG, byte for
+    byte; a tile whose sdt is missing, zero-valued or mis-sized is skipped."""
+    cfg = make_config(str(tmp_path / "out"), tmp_path, n=4, labels={"signed_distance": True})
+    make_run(cfg, sdt=True)
+    layout = RunLayout(cfg.run_uri)
+    tiles = block_tiles(4)  # odd indices are positives: all of them are packed
+    Path(layout.signed_distance(tiles[1])).unlink()
+    storage.write_bytes(layout.signed_distance(tiles[3]), png_bytes(np.zeros((256, 256),
+                                                                              np.uint8)))
+    storage.write_bytes(layout.signed_distance(tiles[5]), png_bytes(np.ones((64, 64), np.uint8)))
+    manifest = run_pack(cfg)
+    assert manifest["distance"] is True
+    assert manifest["skipped"]["counts"] == {"missing_sdt": 1, "corrupt": 1, "size_mismatch": 1}
+    examples = " ".join(manifest["skipped"]["examples"])
+    assert "masks-sdt" in examples and "1..255" in examples and "64x64" in examples
+    samples = read_shards(pack.shard_uris(layout.manifest, "train")
+                          + pack.shard_uris(layout.manifest, "val"))
+    assert len(samples) == manifest["splits"]["train"]["samples"] + \
+        manifest["splits"]["val"]["samples"] > 0
+    assert not {s["__key__"] for s in samples} & {grid.tile_key(tiles[i]) for i in (1, 3, 5)}
+    for s in samples:
+        harvested = storage.read_bytes(layout.signed_distance(grid.parse_tile_key(s["__key__"])))
+        assert s["sdt.png"] == harvested  # copied, not re-encoded
+        np.testing.assert_array_equal(decode_distance(s), synthetic_sdt(decode_sample(s)[1]))
+
+
+def test_separate_instances_also_asks_for_distance_targets(tmp_path: Path) -> None:
+    classes = [dict(CLASSES[0], separate_instances=True), CLASSES[1]]
+    cfg = make_config(str(tmp_path / "out"), tmp_path, n=2, classes=classes)
+    assert pack.PackSpec.from_config(cfg).distance
+    assert not pack.PackSpec.from_config(make_config(str(tmp_path / "o"), tmp_path, n=2)).distance
 
 
 def test_repack_is_deterministic_and_removes_stale_shards(tmp_path: Path) -> None:
@@ -258,11 +309,15 @@ def test_extra_samples_for_mining(tmp_path: Path) -> None:
     partial = np.zeros((256, 256), np.uint8)
     partial[:10] = 255
     own_image = np.full((256, 256, 3), 9, np.uint8)
-    extras = [pack.ExtraSample(tiles[0]), pack.ExtraSample(tiles[1], mask=partial),
+    own_sdt = synthetic_sdt(partial)
+    extras = [pack.ExtraSample(tiles[0]), pack.ExtraSample(tiles[1], mask=partial, sdt=own_sdt),
               pack.ExtraSample(tiles[2], image=own_image, meta={"round": 1})]
     uris = pack.pack_extra_samples(spec, extras, "mined-r01")
     assert [u.rsplit("/", 1)[-1] for u in uris] == ["mined-r01-000000.tar"]
-    samples = {s["__key__"]: decode_sample(s) for s in read_shards(uris)}
+    raw = {s["__key__"]: s for s in read_shards(uris)}
+    samples = {k: decode_sample(s) for k, s in raw.items()}
+    np.testing.assert_array_equal(decode_distance(raw[grid.tile_key(tiles[1])]), own_sdt)
+    assert "sdt.png" not in raw[grid.tile_key(tiles[0])]  # no sdt given: none packed
     image, mask, meta = samples[grid.tile_key(tiles[0])]
     np.testing.assert_array_equal(image, written[grid.tile_key(tiles[0])][0])
     assert not mask.any() and meta["origin"] == "mined-r01" and not meta["positive"]
@@ -279,6 +334,10 @@ def test_extra_samples_for_mining(tmp_path: Path) -> None:
         pack.pack_extra_samples(spec, extras, "train")
     with pytest.raises(pack.PackError, match="mask value 9"):
         pack.pack_extra_samples(spec, [pack.ExtraSample(tiles[0], mask=partial * 0 + 9)], "x")
+    with pytest.raises(pack.PackError, match=r"extra sample z18_\d+_\d+: sdt values"):
+        pack.pack_extra_samples(spec, [pack.ExtraSample(tiles[0], sdt=partial * 0)], "x")
+    with pytest.raises(pack.PackError, match=r"sdt shape is \(8, 8\)"):
+        pack.pack_extra_samples(spec, [pack.ExtraSample(tiles[0], sdt=own_sdt[:8, :8])], "x")
 
 
 def test_corrupt_sample_decoding_names_the_sample() -> None:
@@ -295,6 +354,13 @@ def test_corrupt_sample_decoding_names_the_sample() -> None:
     with pytest.raises(CorruptSampleError, match="image is 8x8 px but mask is 4x4 px"):
         decode_sample(mismatch)
     assert json.loads(mismatch["meta.json"]) == {}
+    sdt = np.full((4, 4), 200, np.uint8)
+    with_sdt = sample_dict("z1_2_3", img.getvalue(), "png", msk.getvalue(), {}, png_bytes(sdt))
+    np.testing.assert_array_equal(decode_distance(with_sdt), sdt)
+    with pytest.raises(CorruptSampleError, match="z1_2_3: cannot decode sdt.png"):
+        decode_distance({**with_sdt, "sdt.png": b"\x89PNG broken"})
+    with pytest.raises(CorruptSampleError, match="sdt.png is 8x8 px but mask is 4x4 px"):
+        decode_distance({**with_sdt, "sdt.png": png_bytes(np.full((8, 8), 200, np.uint8))})
 
 
 def write_labels(cfg: Any, boxes_px: dict[str, tuple[int, int, int, int]]) -> None:

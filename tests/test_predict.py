@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import shapely
+import torch
+from torch import nn
 
 from mapgap import storage
 from mapgap.grid import Tile, tile_key
@@ -15,13 +18,16 @@ from mapgap.tasks.geometry import read_geojson
 from mapgap.tasks.neighbourhood import TileCache, with_margin
 from mapgap.tasks.predict import (
     ModelLoadError,
+    ModelRef,
     PredictSettings,
+    band_names,
     blocked_order,
     decode_probability,
     encode_probability,
     predict_tiles,
     read_probability,
     stored_tiles,
+    write_meta,
 )
 from mapgap.tasks.vectorize import (
     VectorSettings,
@@ -122,6 +128,60 @@ def test_window_is_a_multiple_of_32_and_tta_keeps_shape(corner_building) -> None
                            PredictSettings(tile_size=SIZE, tta=True, loader_workers=0))
     assert result == {"tiles": 1}
     assert read_probability(layout, 1, tiles[0]).shape == (1, SIZE, SIZE)
+
+
+class RampBands(nn.Module):
+    """Contract 1 with an instance band that is NOT flip-symmetric: building 0.5
+    everywhere, 'distance' = the column position across the window (0..1)."""
+
+    classes = ["building"]
+    band_names = ["building", "distance"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x[:, :1], 0.5)
+
+    def bands(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(0, 1, x.shape[-1]).expand_as(x[:, :1])
+        return torch.cat([self(x), ramp], dim=1)
+
+
+def test_bands_are_written_and_tta_flips_the_distance_too(corner_building) -> None:
+    layout, tiles, _ = corner_building
+    s = PredictSettings(tile_size=SIZE, margin_px=32, loader_workers=0)
+    assert band_names(RampBands()) == ["building", "distance"]
+    assert band_names(BrightnessNet()) == ["building"]  # no bands(): the classes
+    predict_tiles(layout, tiles[:1], RampBands(), s)
+    probs = read_probability(layout, 2, tiles[0])
+    assert probs.shape == (2, SIZE, SIZE) and (probs[0] == 128).all()
+    m, window = s.window_margin, SIZE + 2 * s.window_margin
+    expected = np.round(np.linspace(0, 1, window)[m:m + SIZE] * 255)
+    assert np.abs(probs[1, 0].astype(float) - expected).max() <= 1  # a ramp, kept as is
+    predict_tiles(layout, tiles[:1], RampBands(), replace(s, tta=True))
+    flat = read_probability(layout, 2, tiles[0])[1]
+    assert flat.min() >= 127 and flat.max() <= 128  # mean of a ramp and its mirror
+
+
+def test_probabilities_can_go_to_another_run_dir(corner_building, tmp_path) -> None:
+    """Validation predicts a run's tiles (imagery and context from the run) elsewhere."""
+    layout, tiles, _ = corner_building
+    scratch = RunLayout(str(tmp_path / "scratch"))
+    s = PredictSettings(tile_size=SIZE, loader_workers=0)
+    assert predict_tiles(layout, tiles, BrightnessNet(), s, out=scratch) == {"tiles": 4}
+    assert not stored_tiles(layout.probabilities, Z)
+    assert set(stored_tiles(scratch.probabilities, Z)) == set(tiles)
+    predict_tiles(layout, tiles, BrightnessNet(), s)
+    for t in tiles:  # the same context, so the same probabilities
+        assert (read_probability(scratch, 1, t) == read_probability(layout, 1, t)).all()
+
+
+def test_meta_names_the_bands(tmp_path) -> None:
+    layout = RunLayout(str(tmp_path / "run"))
+    ref = ModelRef("m.pt", None, key="k")
+    s = PredictSettings(tile_size=SIZE)
+    write_meta(layout, ref, ["building"], s, bands=band_names(RampBands()))
+    assert storage.read_json(layout.predict_meta)["bands"] == ["building", "distance"]
+    write_meta(layout, ref, ["building"], s)
+    assert storage.read_json(layout.predict_meta)["bands"] == ["building"]
 
 
 def test_tiles_listed_and_ordered_in_compact_blocks(tmp_path, corner_building) -> None:

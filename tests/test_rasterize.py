@@ -344,3 +344,63 @@ def test_harvest_flow_end_to_end_and_rerun(tmp_path: Path) -> None:
     sdt.unlink()
     assert rerun_rewrites() == set(batches[1]) | set(batches[2])
     assert mask.exists() and sdt.exists()
+
+
+# --- per-instance distance (separate_instances) --------------------------------------------
+
+def instance_specs() -> tuple[RasterSpec, RasterSpec]:
+    """(per-instance spec, union spec) for one building class."""
+    base = dict(classes=("building", "road"), priorities=(2, 1), signed_distance=True)
+    return RasterSpec(**base, instance_classes=("building",)), RasterSpec(**base)
+
+
+def distance_of(labels: dict[str, str], spec: RasterSpec) -> np.ndarray:
+    _, sdt, _ = rasterize_tile(BatchFeatures.load(labels, spec, grid.tile_bounds(TILE)), TILE,
+                               spec)
+    return sdt
+
+
+def test_a_shared_wall_is_an_edge_between_two_interiors(tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    labels = scene(tmp_path, {"building": [pixel_box(TILE, 50, 60, 100, 120),
+                                           pixel_box(TILE, 100, 60, 160, 120)]})
+    instances, union = instance_specs()
+    sdt = distance_of(labels, instances)
+    assert ndimage.label(sdt > 128)[1] == 2  # two interiors ...
+    assert (sdt[62:118, 99:101] == 128).all()  # ... with the wall (both sides) on the edge
+    assert sdt[90, 75] == sdt[90, 130] == 255 and sdt[90, 30] < 128
+    assert ndimage.label(distance_of(labels, union) > 128)[1] == 1  # the union: one blob
+
+
+def test_lone_buildings_and_holes_keep_the_union_distance(tmp_path: Path) -> None:
+    """Where no instance touches another the target is the old one, holes included;
+    other classes (a road under a building) are no instance outline."""
+    courtyard = pixel_box(TILE, 20, 20, 120, 120).difference(pixel_box(TILE, 50, 50, 90, 90))
+    two_parts = shapely.MultiPolygon([pixel_box(TILE, 150, 30, 200, 80),
+                                      pixel_box(TILE, 150, 150, 230, 230)])
+    labels = scene(tmp_path, {"building": [courtyard, two_parts],
+                              "road": [pixel_box(TILE, 0, 130, 256, 140)]})
+    instances, union = instance_specs()
+    sdt = distance_of(labels, instances)
+    buildings_only = {"building": labels["building"]}
+    assert np.array_equal(sdt, distance_of(buildings_only, union))
+    assert sdt[70, 70] < 128 < sdt[45, 70]  # the hole is outside, its edge an edge
+    assert sdt[135, 100] < 128  # the road is background for the distance
+
+
+def test_instance_classes_come_from_the_config(tmp_path: Path) -> None:
+    from tests.helpers_inference import make_config
+
+    classes = [{"name": "building", "separate_instances": True,
+                "tags": {"include": {"building": "*"}}},
+               {"name": "road", "geometry": "line", "width_m": 6,
+                "tags": {"include": {"highway": "*"}}}]
+    spec = RasterSpec.from_config(make_config(tmp_path, classes=classes))
+    assert spec.signed_distance and spec.instance_classes == ("building",)
+    assert spec.instance_values == [1]
+    classes[0]["separate_instances"] = False
+    plain = RasterSpec.from_config(make_config(tmp_path, classes=classes))
+    assert not plain.signed_distance and plain.instance_classes == ()
+    with pytest.raises(ValueError, match="instance classes \\['roof'\\]"):
+        RasterSpec(classes=("building",), priorities=(1,), instance_classes=("roof",))

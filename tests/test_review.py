@@ -154,3 +154,113 @@ def test_review_page_renders_in_headless_chromium(tmp_path) -> None:
     assert magenta.sum() > 200
     if os.environ.get("MAPGAP_UPDATE_DOCS"):  # refresh the README's picture on purpose only
         shutil.copy(shot, REPO / "docs" / "review.png")
+
+
+# --- hostile values: nothing shown on the map may run as script ----------------------------
+
+XSS = "<img src=x onerror=alert(1)>"
+XSS_FLAG = "<img src=x onerror=\"window.__pwned=1\">"
+# Opens every feature's tooltip and popup of every layer (the hidden grid too) and
+# really hovers one feature per layer; returns what the mapper would read.
+_OPEN_EVERYTHING = """async () => {
+  const map = Object.values(window).find(v => v instanceof L.Map);
+  const layers = Object.values(window).filter(v => v instanceof L.GeoJSON);
+  const texts = [];
+  for (const group of layers) {
+    group.addTo(map);
+    group.eachLayer(f => {  // the events a mapper's hover and click send, per feature
+      const at = {latlng: f.getBounds().getCenter()};
+      f.fire('mouseover', at, true);
+      if (group.getTooltip()) texts.push(group.getTooltip().getElement().textContent);
+      f.fire('mouseout', at, true);
+      f.fire('click', at, true);
+      if (group.getPopup()) texts.push(group.getPopup().getElement().textContent);
+    });
+  }
+  const legend = document.querySelector('.leaflet-control-layers').textContent;
+  await new Promise(r => setTimeout(r, 300));  // let <img onerror> fire, if any
+  return {texts, legend, title: document.title, pwned: window.__pwned || 0,
+          centres: layers.map(g => { const f = g.getLayers()[0];
+            const p = map.latLngToContainerPoint(f.getBounds().getCenter());
+            return [p.x, p.y]; })};
+}"""
+
+
+def open_review_page(html: Path, tmp_path: Path) -> dict:
+    """Load review.html in headless Chromium (Playwright), open every tooltip and
+    hover each layer; ``dialogs``: alert()s that ran, ``pwned``: the window flag."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = _chromium()
+    dialogs: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(html.as_uri())
+            page.wait_for_function("typeof L !== 'undefined'")
+            seen = page.evaluate(_OPEN_EVERYTHING)
+            for x, y in seen["centres"]:  # real mouse hovers too
+                page.mouse.move(x, y)
+                page.wait_for_timeout(100)
+                page.mouse.click(x, y)
+            page.wait_for_timeout(300)
+            seen["pwned"] = seen["pwned"] or page.evaluate("window.__pwned || 0")
+            seen["imgs"] = page.evaluate(
+                "document.querySelectorAll('.leaflet-tooltip img, .leaflet-popup img,"
+                " .leaflet-control-layers img').length")
+        finally:
+            browser.close()
+    return {**seen, "dialogs": dialogs}
+
+
+def _hostile_vector_labels(tmp_path: Path) -> Path:
+    """A user's vector label file: one OSM-like building whose osm_type is markup."""
+    from tests.helpers_inference import tile_lonlat
+
+    (w, n), (e, s) = tile_lonlat(ORIGIN.x + 0.7, ORIGIN.y + 0.7), tile_lonlat(ORIGIN.x + 0.9,
+                                                                            ORIGIN.y + 0.9)
+    feature = {"type": "Feature", "properties": {"osm_type": XSS, "osm_id": 7, "note": XSS_FLAG},
+               "geometry": shapely.geometry.mapping(shapely.box(w, s, e, n))}
+    path = tmp_path / "hostile.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    return path
+
+
+def test_review_page_from_a_hostile_vector_label_file_runs_no_script(tmp_path) -> None:
+    """Harvest -> dedup -> review of a label file whose osm_type is an <img onerror>:
+    the OSM and Unsupported OSM tooltips show the markup as text, no script runs."""
+    from mapgap.tasks.labels import write_outputs
+    from mapgap.tasks.vector_labels import harvest_vector
+
+    cfg, layout, _ = _scene(tmp_path)
+    source = str(_hostile_vector_labels(tmp_path))
+    write_outputs(harvest_vector(source, cfg.classes, "class", cfg.aoi_geometry), layout, source)
+    summary = dedup_class(layout, "building", cfg.dedup, cfg.zoom)
+    out = write_review(layout, [summary], {"building": {"building": "yes"}}, {"run": XSS},
+                       "tiles/{z}/{x}/{y}.png", cfg.zoom)
+    seen = open_review_page(Path(out["review.html"]), tmp_path)
+    assert seen["dialogs"] == [] and seen["pwned"] == 0 and seen["imgs"] == 0
+    shown = [t for t in seen["texts"] if XSS in t]
+    assert len(shown) == 2, seen["texts"]  # the OSM and the unsupported OSM tooltip
+    assert seen["title"] == f"mapgap review: {XSS}"
+
+
+def test_review_page_escapes_every_value_of_every_layer(tmp_path) -> None:
+    """Markup in any property of any layer (classes, ids, scores, tiles, lists)."""
+    from mapgap.tasks.review import review_html
+
+    poly = shapely.box(32.0, 0.0, 32.001, 0.001)
+    every = {f: XSS for f in ("class", "osm_type", "osm_id", "score", "area_m2", "iou",
+                              "osm_overlap", "support", "tile", "osm", "predicted",
+                              "candidates")}
+    every["tiles"] = [XSS_FLAG]
+    layers = {name: (np.array([poly], dtype=object), [dict(every)])
+              for name in ("Quality grid (tile IoU)", "OSM", "Predictions", "Unsupported OSM",
+                           "Candidates (missing from OSM)")}
+    html = tmp_path / "review.html"
+    html.write_text(review_html(layers, "tiles/{z}/{x}/{y}.png", 18, title=XSS))
+    seen = open_review_page(html, tmp_path)
+    assert seen["dialogs"] == [] and seen["pwned"] == 0 and seen["imgs"] == 0
+    assert len(seen["texts"]) == 5 and all(XSS in t for t in seen["texts"]), seen["texts"]
+    assert "Quality grid (tile IoU) (1)" in seen["legend"]

@@ -77,3 +77,20 @@ def test_fingerprint_follows_content_not_writes(root: str) -> None:
     assert storage.fingerprint([a, b]) != first
     storage.write_text(b, "now present")
     assert storage.fingerprint([a, b]) != storage.fingerprint([a])
+
+
+def test_sweep_removes_only_atomic_write_temporaries(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with storage.atomic_open(str(run_dir / "tiles" / "a.png")) as f:
+        f.write(b"x")
+        # What a kill -9 at this point would leave behind:
+        (interrupted,) = [p for p in (run_dir / "tiles").iterdir()]
+    left = run_dir / "tiles" / interrupted.name
+    left.write_bytes(b"partial")
+    others = [run_dir / "notes.tmp-0a1b2c3d", run_dir / ".x.tmp-notahex0",
+              run_dir / "tiles" / "a.png", tmp_path / ".outside.tmp-0a1b2c3d"]
+    for p in others[:2] + others[3:]:
+        p.write_text("keep")
+    assert storage.sweep_temporaries(str(run_dir)) == [str(left)]
+    assert all(p.exists() for p in others) and not left.exists()
+    assert storage.sweep_temporaries("s3://bucket/run") == []  # S3 writes leave none

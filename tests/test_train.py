@@ -4,28 +4,23 @@ failure cases (empty shard set, missing shard, corrupt samples)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from PIL import Image
 
 from mapgap import storage, tracking
 from mapgap.layout import RunLayout
 from mapgap.models import losses
-from mapgap.models.datamodule import DecodedCache, SampleTransform, ShardDataModule, ShardSetError
 from mapgap.models.inference import ModelSpecError, load_model
 from mapgap.models.segmentation import CheckpointError, SegmentationModel, save_checkpoint
 from mapgap.tasks.pack import manifest_digest, shard_uris
-from mapgap.tasks.shards import AtomicShardWriter, png_bytes, sample_dict
-from tests.test_pack import make_config, make_run, run_pack, synthetic_tile
+from tests.test_pack import make_config, make_run, run_pack
 
-TINY = {"classes": ["building"], "epochs": 2, "steps_per_epoch": 10, "batch_size": 4,
-        "width": 8, "depth": 3, "crop_size": 64, "lr": 0.01, "preview_samples": 2}
+TINY = {"classes": ["building"], "architecture": "scratch", "epochs": 2, "steps_per_epoch": 10,
+        "batch_size": 4, "width": 8, "depth": 3, "crop_size": 64, "lr": 0.01, "preview_samples": 2}
 
 
 @pytest.fixture(scope="module")
@@ -159,82 +154,6 @@ def test_tracking_locations(packed: Any, tmp_path: Path, monkeypatch: pytest.Mon
     assert tracking.artifact_location(server) is None
 
 
-@pytest.mark.slow
-def test_shards_stream_from_s3(packed: Any, s3_bucket: str, tmp_path: Path) -> None:
-    """Through a (spawned) loader worker, which must find the s3 scheme itself."""
-    cfg = make_config(s3_bucket + "/out", tmp_path, n=4, train={**TINY, "num_workers": 1})
-    make_run(cfg)
-    run_pack(cfg)
-    dm = ShardDataModule.from_config(cfg, shards(cfg, "train"), shards(cfg, "val"))
-    images, masks, skipped = next(iter(dm.train_dataloader()))
-    assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64)
-    assert int(skipped) == 0
-    assert sum(len(b[0]) for b in dm.val_dataloader()) == storage.read_json(
-        RunLayout(cfg.run_uri).manifest)["splits"]["val"]["samples"]
-
-
-def test_empty_or_missing_shards_are_clear_errors(packed: Any, tmp_path: Path) -> None:
-    with pytest.raises(ShardSetError, match="no train shards"):
-        ShardDataModule([], shards(packed, "val"), ["building"])
-    missing = str(tmp_path / "val-000000.tar")
-    with pytest.raises(ShardSetError, match=f"{missing}: val shard not found"):
-        ShardDataModule(shards(packed, "train"), [missing], ["building"])
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
-    image, mask = synthetic_tile(3, 3)
-    meta = {"classes": ["building", "road"]}
-    good = sample_dict("z18_0_0", _png(image), "png", png_bytes(mask), meta)
-    with AtomicShardWriter(str(tmp_path), "val", maxcount=100, maxsize=10**9) as out:
-        out.write(good)
-        out.write({**good, "__key__": "z18_0_1", "image.png": b"\x89PNG broken"})
-        out.write({**good, "__key__": "z18_0_2", "mask.png": png_bytes(mask[:128])})
-        out.write({**good, "__key__": "z18_0_3"})
-    uris = [str(tmp_path / s.name) for s in out.shards]
-    dm = ShardDataModule(uris, uris, ["building"], batch_size=2, steps_per_epoch=3,
-                         crop_size=64)
-    batches = list(dm.val_dataloader())
-    assert sum(len(b[0]) for b in batches) == 2
-    assert sum(int(b[2]) for b in batches) == 2  # skipped, and counted in the batches
-    assert len(list(dm.train_dataloader())) == 3  # the fixed epoch length still holds
-
-    with AtomicShardWriter(str(tmp_path), "bad", maxcount=100, maxsize=10**9) as out:
-        out.write({**good, "image.png": b"garbage"})
-    bad = [str(tmp_path / s.name) for s in out.shards]
-    dm = ShardDataModule(bad, bad, ["building"], batch_size=2, steps_per_epoch=3)
-    with pytest.raises(ShardSetError, match="samples were all corrupt"):
-        next(iter(dm.train_dataloader()))
-
-
-def test_class_selection_and_joint_augmentation() -> None:
-    image, mask = synthetic_tile(5, 4)
-    image[...] = 0
-    image[mask == 1] = 255  # the image says where the buildings are
-    meta = {"classes": ["building", "road"]}
-    sample = sample_dict("z18_0_0", _png(image), "png", png_bytes(mask), meta)
-    t = SampleTransform(["building"], crop=96, augment=True, seed=1, cache_mb=16)
-    for _ in range(20):  # decoded once, then from the (read-only) cache
-        x, y = t(sample)
-        assert x.shape == (3, 96, 96) and y.shape == (96, 96)
-        assert x.dtype == y.dtype == torch.uint8
-        assert set(y.unique().tolist()) <= {0, 1, 255}  # road pixels became background
-        bright = x.float().mean(0) / 255
-        if (y == 1).any() and (y == 0).any():
-            assert bright[y == 1].mean() > bright[y == 0].mean() + 0.5
-    assert t.cache.hits == 19
-    cached = t.decode(sample)
-    assert not cached[0].flags.writeable and (cached[0] == image).all()
-    road_only = SampleTransform(["road"], crop=None, augment=False, seed=1)
-    _, y = road_only(sample)
-    assert set(np.unique(y.numpy())) <= {0, 1, 255} and (y == 1).sum() == (mask == 2).sum()
-
-
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_losses_ignore_255_and_reward_correct_logits(name: str) -> None:
     fn, activation = losses.loss_for(name)
@@ -279,15 +198,3 @@ def test_model_contract_and_checkpoint_errors(tmp_path: Path) -> None:
         load_model(str(tmp_path / "absent.pt"))
     with pytest.raises(ModelSpecError, match="not found in the registry"):
         load_model("models:/nothing@champion", f"sqlite:///{tmp_path / 'm.db'}")
-
-
-def test_decoded_cache_keeps_what_fits() -> None:
-    cache = DecodedCache(limit_mb=1)
-    image, mask = np.zeros((256, 256, 3), np.uint8), np.zeros((256, 256), np.uint8)
-    for i in range(5):  # 256 KiB each: the first 4 fit, the 5th is not kept
-        cache.put(("u", f"k{i}"), image.copy(), mask.copy())
-    assert cache.size <= 1 << 20
-    assert cache.get(("u", "k0")) is not None and cache.get(("u", "k3")) is not None
-    assert cache.get(("u", "k4")) is None and cache.hits == 2
-    cache.put(("u", "x"), image, mask)
-    assert image.flags.writeable  # not cached (and not frozen) when it does not fit

@@ -3,6 +3,7 @@ their URLs, and leaves no process behind when it is stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -50,8 +51,8 @@ def wait_for_urls(lines: queue.Queue, proc: subprocess.Popen, timeout_s: float) 
     return urls
 
 
-@pytest.mark.slow
-def test_ui_serves_both_and_stops_cleanly(tmp_path: Path) -> None:
+def start_ui(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, queue.Queue, int, int]:
+    """`mapgap ui` on free, non-default ports: (process, its output lines, ports)."""
     (tmp_path / "labels.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     config = tmp_path / "ui.yaml"
     config.write_text(yaml.safe_dump({
@@ -62,8 +63,6 @@ def test_ui_serves_both_and_stops_cleanly(tmp_path: Path) -> None:
     }))
     prefect_port = free_port()
     mlflow_port = next(p for p in iter(free_port, None) if p != prefect_port)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mapgap.cli", "ui", str(config),
          "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
@@ -71,6 +70,18 @@ def test_ui_serves_both_and_stops_cleanly(tmp_path: Path) -> None:
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
+    return proc, lines, prefect_port, mlflow_port
+
+
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@pytest.mark.slow
+def test_ui_serves_both_and_stops_cleanly(tmp_path: Path) -> None:
+    proc, lines, prefect_port, mlflow_port = start_ui(tmp_path, isolated_env(tmp_path))
     servers: list[psutil.Process] = []
     try:
         urls = wait_for_urls(lines, proc, timeout_s=300)
@@ -85,6 +96,40 @@ def test_ui_serves_both_and_stops_cleanly(tmp_path: Path) -> None:
     assert code == 0
     assert len(servers) >= 2
     assert not leaked, f"still running after mapgap ui stopped: {leaked}"
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLOW_NAME = "mapgap-ui-check"
+
+
+@pytest.mark.slow
+def test_prefect_ui_on_another_port_shows_earlier_runs(tmp_path: Path) -> None:
+    """The browser asks /ui-settings where the API is: it must be this server."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("needs Chromium: apt-get install -y chromium")
+    env = isolated_env(tmp_path)
+    subprocess.run([sys.executable, "-c", "from prefect import flow; "
+                    f"flow(name={FLOW_NAME!r}, log_prints=True)(lambda: print('ran'))()"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    proc, lines, prefect_port, _ = start_ui(tmp_path, env)
+    servers: list[psutil.Process] = []
+    try:
+        urls = wait_for_urls(lines, proc, timeout_s=300)
+        servers = psutil.Process(proc.pid).children(recursive=True)
+        with urllib.request.urlopen(urls["Prefect"] + "/ui-settings", timeout=30) as reply:
+            assert json.load(reply)["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(urls["Prefect"] + "/runs", timeout=120_000)
+                page.get_by_text(FLOW_NAME).first.wait_for(timeout=120_000)
+                assert "Can't connect to Server API" not in page.content()
+            finally:
+                browser.close()
+    finally:
+        stop(proc, servers or psutil.Process(proc.pid).children(recursive=True))
 
 
 def stop(proc: subprocess.Popen, servers: list[psutil.Process]) -> tuple[int, list[str]]:

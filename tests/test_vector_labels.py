@@ -253,3 +253,40 @@ def test_kampala_config_harvests_and_rasterizes(tmp_path: Path) -> None:
     assert 0 < inside.sum() < len(labels)
     assert summary["tiles"] == len(grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom))
     assert 0 < summary["tiles_with_features"]["building"] <= summary["tiles"]
+
+
+def _config(tmp_path: Path, classes: list[dict], source: str) -> Path:
+    import yaml
+
+    data = {"name": "t", "aoi": [32.59, 0.34, 32.60, 0.35], "zoom": 18, "classes": classes,
+            "labels": {"source": source},
+            "imagery": {"source": "http://127.0.0.1:1/{z}/{x}/{y}.png"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_vector_file_that_names_its_classes_needs_no_tags(tmp_path: Path) -> None:
+    """One class, a class column or a file per class: tags are what OSM sources need."""
+    from mapgap.conf import ConfigError, load_config
+
+    squares = [box(32.591 + i / 1000, 0.341, 32.5915 + i / 1000, 0.3415) for i in range(3)]
+    gpd.GeoDataFrame({"kind": ["hut", "hut", "shed"]}, geometry=squares, crs=4326).to_file(
+        tmp_path / "huts.geojson")
+    gpd.GeoDataFrame({"class": ["hut", "shed", "shed"]}, geometry=squares, crs=4326).to_file(
+        tmp_path / "both.geojson")
+    cfg = load_config(_config(tmp_path, [{"name": "hut"}], "huts.geojson"))
+    result = harvest_vector(cfg.labels.source, cfg.classes, "class", cfg.aoi_geometry)
+    assert len(result.frames["hut"]) == 3  # every row of a one-class file
+    assert cfg.classes[0].output_tags() == {"hut": "yes"}  # unless josm_tags says otherwise
+    two = load_config(_config(tmp_path, [{"name": "hut"}, {"name": "shed"}], "both.geojson"))
+    result = harvest_vector(two.labels.source, two.classes, "class", two.aoi_geometry)
+    assert {k: len(f) for k, f in result.frames.items()} == {"hut": 1, "shed": 2}
+    # Two classes in a file that does not say which row is which: still one clear line.
+    two_huts = load_config(_config(tmp_path, [{"name": "hut"}, {"name": "shed"}],
+                                   "huts.geojson"))
+    with pytest.raises(VectorLabelError, match="no column 'class' .* to find class 'hut'"):
+        harvest_vector(two_huts.labels.source, two_huts.classes, "class", two_huts.aoi_geometry)
+    (tmp_path / "town.osm.pbf").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"c.yaml: classes\[0\].tags: required with an OSM"):
+        load_config(_config(tmp_path, [{"name": "hut"}], "town.osm.pbf"))

@@ -9,12 +9,14 @@ import cv2
 import numpy as np
 import pytest
 import shapely
+from affine import Affine
 
 from mapgap import storage
 from mapgap.grid import Tile
 from mapgap.layout import RunLayout
-from mapgap.tasks.geometry import read_geojson
+from mapgap.tasks.geometry import pixels_to_lonlat, read_geojson
 from mapgap.tasks.predict import encode_probability
+from mapgap.tasks.rasterize import burn_instances, instance_signed_distance
 from mapgap.tasks.vectorize import (
     Pieces,
     VectorSettings,
@@ -26,7 +28,7 @@ from mapgap.tasks.vectorize import (
     vectorize_tiles,
     write_pieces,
 )
-from tests.helpers_inference import ORIGIN, SIZE, Z
+from tests.helpers_inference import ORIGIN, SIZE, Z, make_config
 
 MPP = 2 * math.pi * 6378137 / (2**Z * SIZE)  # metres per pixel at the equator (sphere)
 
@@ -184,3 +186,110 @@ def test_empty_probabilities_give_an_empty_collection(layout) -> None:
     tiles = write_probs(layout, np.zeros((1, SIZE, SIZE), np.uint8))
     geoms, props = polygons(layout, [tiles], settings())
     assert len(geoms) == 0 and props == []
+
+
+# --- touching buildings: split along the predicted instance distance -----------------------
+
+SPLIT = dict(distance_band=1, instance_classes=("building",))
+
+
+def predicted(buildings: list[shapely.Geometry], cols: int, rows: int = 1) -> np.ndarray:
+    """[building probability, distance] of a mosaic, from polygons in mosaic pixels:
+    the harvest's own per-instance distance target, blurred like a prediction."""
+    instances = burn_instances(np.asarray(buildings, dtype=object), Affine.identity(),
+                               (rows * SIZE, cols * SIZE))
+    prob = np.where(instances > 0, 230, 10).astype(np.uint8)
+    distance = instance_signed_distance(instances, clip_px=16)
+    return np.stack([cv2.GaussianBlur(b, (0, 0), 1.0) for b in (prob, distance)])
+
+
+def matched(geoms: np.ndarray, buildings: list[shapely.Geometry]) -> list[float]:
+    """Per building, the best IoU of an output polygon (lon/lat) with it."""
+    shifted = [shapely.affinity.translate(b, ORIGIN.x * SIZE, ORIGIN.y * SIZE)
+               for b in buildings]
+    truth = pixels_to_lonlat(np.asarray(shifted, dtype=object), Z, SIZE)
+    return [max(g.intersection(t).area / g.union(t).area for g in geoms) for t in truth]
+
+
+def test_touching_buildings_in_one_tile_come_out_apart(layout) -> None:
+    houses = [shapely.box(40, 40, 100, 90), shapely.box(100, 40, 150, 90),
+              shapely.box(150, 50, 190, 80)]  # a terrace of three
+    tiles = write_probs(layout, predicted(houses, cols=1))
+    geoms, _ = polygons(layout, [tiles], settings(**SPLIT))
+    assert len(geoms) == 3 and min(matched(geoms, houses)) > 0.9
+    # shared walls are shared edges: no gap, no overlap
+    assert shapely.union_all(geoms).geom_type == "Polygon"
+    assert sum(g.area for g in geoms) == pytest.approx(shapely.union_all(geoms).area, rel=1e-6)
+    # the same probabilities read without their distance band: today's one blob
+    blob, _ = polygons(layout, [tiles], settings())
+    assert len(blob) == 1
+
+
+WALLS = {  # two touching houses on a 2x1 mosaic, the tile border at x = 256
+    "wall across the border": [shapely.box(200, 60, 320, 110), shapely.box(200, 110, 320, 170)],
+    "wall on the border": [shapely.box(180, 60, 256, 130), shapely.box(256, 60, 340, 130)],
+    "wall 2 px right": [shapely.box(180, 60, 258, 130), shapely.box(258, 60, 340, 130)],
+    "wall 3 px left": [shapely.box(180, 60, 253, 130), shapely.box(253, 60, 340, 130)],
+}
+
+
+@pytest.mark.parametrize("name", list(WALLS))
+def test_touching_buildings_at_a_tile_border_stay_apart_and_whole(layout, name: str) -> None:
+    houses = WALLS[name]
+    tiles = write_probs(layout, predicted(houses, cols=2))
+    geoms, props = polygons(layout, [[t] for t in tiles], settings(**SPLIT))  # one batch each
+    assert len(geoms) == 2 and min(matched(geoms, houses)) > 0.9
+    assert all(g.geom_type == "Polygon" for g in geoms)
+    crossing = [h for h in houses if h.bounds[0] < SIZE < h.bounds[2]]
+    assert sum(len(p["tiles"]) == 2 for p in props) == len(crossing)
+
+
+def test_one_building_stays_one_polygon(layout) -> None:
+    """An L across a border, a long block over four tiles and a plain house: one
+    seed each (or one component), so no split, and each is merged whole."""
+    ell = shapely.Polygon([(200, 40), (300, 40), (300, 70), (240, 70), (240, 160), (200, 160)])
+    block = shapely.box(230, 230, 300, 290)  # over the corner of four tiles
+    house = shapely.box(40, 300, 90, 340)
+    buildings = [ell, block, house]
+    tiles = write_probs(layout, predicted(buildings, cols=2, rows=2))
+    geoms, props = polygons(layout, [tiles[:1], tiles[1:3], tiles[3:]], settings(**SPLIT))
+    assert len(geoms) == 3 and min(matched(geoms, buildings)) > 0.9
+    assert sorted(len(p["tiles"]) for p in props) == [1, 2, 4]
+
+
+def test_border_pieces_of_instances_merge_only_where_both_continue() -> None:
+    """Two pieces across a border merge only on an agreed stretch of continuing edge,
+    long enough for the smaller claim: a wall on the border or a split line one
+    pixel off never fuses two houses."""
+    left, right = shapely.box(0, 0, 10, 20), shapely.box(10, 0, 20, 20)
+    border = shapely.MultiLineString([[(10, 0), (10, 20)]])
+    none = shapely.MultiLineString()
+    one_px = shapely.MultiLineString([[(10, 0), (10, 1)]])
+
+    def merged(open_left: shapely.Geometry, open_right: shapely.Geometry) -> int:
+        p = Pieces([left, right], [1.0, 1.0], [1, 1], [["t1"], ["t2"]], [open_left, open_right])
+        return len(merge_border_pieces(p).geoms)
+
+    assert merged(border, border) == 1  # one house cut by the border
+    assert merged(none, none) == 2  # a wall on the border: each sees the other house
+    assert merged(border, none) == 2
+    lower = shapely.MultiLineString([[(10, 0), (10, 10)]])
+    upper_and_one = shapely.MultiLineString([[(10, 9), (10, 20)]])
+    assert merged(lower, upper_and_one) == 2  # only one pixel of 10 agrees
+    assert merged(one_px, border) == 1  # a small piece agreeing fully joins
+
+
+def test_split_settings_come_from_config_and_bands(tmp_path) -> None:
+    classes = [{"name": "building", "separate_instances": True,
+                "tags": {"include": {"building": "*"}}},
+               {"name": "road", "geometry": "line", "width_m": 6,
+                "tags": {"include": {"highway": "*"}}}]
+    cfg = make_config(tmp_path, classes=classes, labels={"signed_distance_clip_px": 12})
+    names = ["building", "road"]
+    s = VectorSettings.from_config(cfg, names, bands=[*names, "distance"])
+    assert (s.distance_band, s.instance_classes, s.sdt_clip_px) == (2, ("building",), 12)
+    assert s.n_bands == 3 and s.split_classes == ("building",)
+    assert s.margin == (s.open_px - 1) + (s.close_px - 1) + s.split_context_px
+    plain = VectorSettings.from_config(cfg, names)
+    assert plain.distance_band is None and plain.split_classes == () and plain.n_bands == 2
+    hash(s)  # a cache key
