@@ -204,9 +204,8 @@ def test_pool_from_geojson_areas_and_val_tiles_are_never_mined(tmp_path: Path) -
     with pytest.raises(mining_pool.MiningError, match="no tile left to mine"):
         mining_pool.select_pool(cfg, storage.glob(storage.join(val, "*.tar")))
     (tmp_path / "bad.geojson").write_text("not json")
-    bad = pool_config(tmp_path, complete_areas="bad.geojson")
-    with pytest.raises(ConfigError, match="bad.geojson"):
-        mining_pool.select_pool(bad, [])
+    with pytest.raises(ConfigError, match="bad.geojson"):  # at load, before any stage
+        pool_config(tmp_path, complete_areas="bad.geojson")
 
 
 def test_pool_by_density_takes_the_well_mapped_tiles(tmp_path: Path) -> None:
