@@ -31,7 +31,7 @@ from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger
 from mapgap.tasks.complete_areas import area_geometry, has_trusted_pixel, listed_tiles
 from mapgap.tasks.predict import stored_tiles
-from mapgap.tasks.shards import trained_classes
+from mapgap.tasks.shards import shard_keys, trained_classes
 
 
 class MiningError(ValueError):
@@ -84,17 +84,6 @@ def holdout_tiles(keys: Sequence[str], fraction: float, seed: int) -> set[str]:
             break
         held += blocks[b]
     return set(held)
-
-
-def shard_keys(uris: Sequence[str]) -> set[str]:
-    """Sample keys (tile keys) in WebDataset shards."""
-    import tarfile
-
-    keys: set[str] = set()
-    for uri in uris:
-        with storage.local_file(uri) as path, tarfile.open(path) as tar:
-            keys.update(name.split(".", 1)[0] for name in tar.getnames())
-    return keys
 
 
 def select_pool(cfg: Any, val_shards: Sequence[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -61,6 +62,18 @@ def register_gopen_schemes() -> None:
     for proto in fsspec.available_protocols():
         if proto not in _NATIVE:
             gopen_schemes[proto] = _fsspec_gopen
+
+
+def shard_keys(uris: Sequence[str]) -> set[str]:
+    """Sample keys (tile keys) in WebDataset shards (training picks its val sample
+    from them, mining keeps them out of its pool)."""
+    import tarfile
+
+    keys: set[str] = set()
+    for uri in uris:
+        with storage.local_file(uri) as path, tarfile.open(path) as tar:
+            keys.update(name.split(".", 1)[0] for name in tar.getnames())
+    return keys
 
 
 def trained_classes(cfg: Any) -> list[str]:

@@ -54,10 +54,9 @@ from mapgap.models.module import SegmentationModule
 from mapgap.models.segmentation import SegmentationModel, checkpoint_dict
 from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger
-from mapgap.tasks.mining_pool import shard_keys
 from mapgap.tasks.objectval import ObjectF1Callback, calibrate, val_truth, vector_settings
 from mapgap.tasks.predict import PredictSettings
-from mapgap.tasks.shards import trained_classes
+from mapgap.tasks.shards import shard_keys, trained_classes
 
 PIXEL_METRIC = "val/iou"
 OBJECT_METRIC = "val/object_f1"
