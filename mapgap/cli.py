@@ -97,7 +97,7 @@ def run_stage(stage: str, cfg: Any, *, force_unlock: bool = False, debug: bool =
     stopper = Stopper(cfg, lock).arm()
     try:
         with api_server() as server_pid:
-            stopper.server_pid = server_pid
+            stopper.serving(server_pid)
             try:
                 recover(cfg, lock)
                 flow_obj = getattr(importlib.import_module(module), name)
@@ -105,9 +105,10 @@ def run_stage(stage: str, cfg: Any, *, force_unlock: bool = False, debug: bool =
                     hide_console_tracebacks()
                 with tags(lock.owner.run_tag):
                     return configured(flow_obj, cfg)(cfg, **params)
-            except BaseException:
-                stopper.wait_if_stopping()  # the API server must outlive the stop
-                raise
+            finally:
+                # A stop kills the children, so the flow may end first: the stop
+                # thread ends the process (the API server must outlive it).
+                stopper.wait_if_stopping()
     except Exception as err:
         if debug:
             raise

@@ -278,37 +278,67 @@ class Stopper:
     send) stop a CLI run within seconds: no child left, the flow runs Crashed,
     the MLflow runs KILLED, the lock released, exit code 128 + signal number.
 
-    The stop runs on a thread of its own: the main thread may be blocked in the
-    task runner, which waits for running tasks (a training epoch) before it
-    returns, so the process ends with ``os._exit`` once the stop is done.
+    Signals are seen through :func:`signal.set_wakeup_fd`, read by a thread of
+    its own, not through a Python handler: Prefect replaces the SIGTERM handler
+    while a flow runs, and its handler only unwinds the main thread, which then
+    waits for the running tasks (a training epoch, a stuck read) before the
+    process could stop. The C-level handler writes every signal to the wakeup
+    fd whichever Python handler is installed, so the stop starts at once and
+    ends the process with ``os._exit``.
     """
+
+    SIGNALS = ("SIGTERM", "SIGINT")
 
     def __init__(self, cfg: Any, lock: Any) -> None:
         self.cfg, self.lock = cfg, lock
         self.server_pid: int | None = None  # stopped last: marking states needs it
         self.signum: int | None = None
+        self._context: Any = None
 
     def arm(self) -> Stopper:
+        """Listen for the signals (main thread, before the run starts)."""
         import signal
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        return self
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        import contextvars
+        import socket
         import threading
 
-        if self.signum is not None:
-            return  # already stopping
-        self.signum = signum
-        # In the main thread's context: its Prefect settings name the API server.
-        threading.Thread(target=contextvars.copy_context().run, args=(self._stop,),
-                         name="mapgap-stop", daemon=True).start()
-        raise KeyboardInterrupt  # unwinds the flow engine, which records the crash too
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        for name in self.SIGNALS:
+            # A Python-level handler makes the C handler write to the wakeup fd;
+            # it does nothing itself: the listener thread stops the run.
+            signal.signal(getattr(signal, name), lambda signum, frame: None)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._sockets = (reader, writer)
+        threading.Thread(target=self._listen, name="mapgap-signals", daemon=True).start()
+        return self
+
+    def serving(self, server_pid: int | None) -> None:
+        """The API server is up: the stop marks states through it, in this context
+        (its Prefect settings name the server), and stops it last."""
+        import contextvars
+
+        self.server_pid = server_pid
+        self._context = contextvars.copy_context()
+
+    def _listen(self) -> None:
+        import signal
+
+        wanted = {int(getattr(signal, name)) for name in self.SIGNALS}
+        reader = self._sockets[0]
+        while True:
+            data = reader.recv(64)
+            hit = [signum for signum in data if signum in wanted]
+            if hit:
+                self.signum = hit[0]
+                context = self._context
+                if context is None:
+                    self._stop()
+                else:
+                    context.run(self._stop)
+                return
 
     def wait_if_stopping(self) -> None:
-        """Block the main thread while the stop thread ends the process."""
+        """Block the calling thread while the listener thread ends the process."""
         import threading
 
         if self.signum is not None:
@@ -331,6 +361,7 @@ class Stopper:
 
         from mapgap import workers
 
+        assert self.signum is not None
         name = signal.Signals(self.signum).name
         try:
             server = set(workers.descendants(self.server_pid)) | {self.server_pid} \

@@ -26,11 +26,6 @@ from mapgap.layout import RunLayout
 from tests.helpers_inference import SIZE, make_config, write_mosaic
 from tests.test_scale_out import random_checkpoint
 
-# Known broken (issue 12, unfinished): SIGTERM does not yet stop `mapgap predict`
-# within 30 s, and the tests look flow runs up in the test's Prefect server, not the
-# CLI's own temporary one (404). They run and report, without failing CI, until fixed.
-pytestmark = pytest.mark.xfail(reason="issue 12: signal handling unfinished", strict=False)
-
 COLS, ROWS = 4, 2
 
 

@@ -4,11 +4,18 @@ failure cases (empty shard set, missing shard, corrupt samples)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 from mapgap import storage, tracking
@@ -124,6 +131,76 @@ def test_resume_after_failure(packed: Any, tmp_path: Path) -> None:
     assert len(c.get_metric_history(run.info.run_id, "train/loss")) == 2
     assert c.get_run(run.info.run_id).info.status == "FINISHED"
     assert train(cfg, packed) == result  # finished: returned, not retrained
+
+
+class FailAtBatch(Callback):
+    """A crash in the middle of an epoch, after some of its steps were taken."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, index: int) -> None:
+        if trainer.current_epoch == self.epoch and index == self.batch:
+            raise RuntimeError("simulated crash mid-epoch")
+
+
+def trained_weights(result: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = torch.load(result["checkpoint_uri"], map_location="cpu", weights_only=True)
+    return state["state_dict"]
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_model(packed: Any, tmp_path: Path) -> None:
+    """A crash in epoch 2 and a rerun: the same weights, bit for bit, and the same
+    metrics as a training that never stopped (model, optimizer, scheduler and data
+    order restored; the interrupted epoch restarts from its beginning)."""
+    whole = train(with_root(packed, tmp_path / "whole", epochs=3, preview_samples=0), packed)
+    cfg = with_root(packed, tmp_path / "crashed", epochs=3, preview_samples=0)
+    with pytest.raises(RuntimeError, match="mid-epoch"):
+        train(cfg, packed, callbacks=[FailAtBatch(1, 5)])
+    resumed = train(cfg, packed)
+    assert resumed["resumed"] and not whole["resumed"]
+    weights, reference = trained_weights(resumed), trained_weights(whole)
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert resumed["val_metrics"] == whole["val_metrics"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_rerun_gives_the_uninterrupted_model(packed: Any,
+                                                                   tmp_path: Path) -> None:
+    """`mapgap train` killed with SIGKILL once epoch 1 is checkpointed (so in epoch
+    2), then rerun: the weights of a training that never stopped, bit for bit."""
+    cfg = with_root(packed, tmp_path / "killed", epochs=3, steps_per_epoch=20,
+                    preview_samples=0)
+    run_dir = Path(cfg.run_uri)
+    shutil.copytree(packed.run_uri, run_dir)  # the packed shards, in a run dir of its own
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
+    whole = train(with_root(packed, tmp_path / "whole", epochs=3, steps_per_epoch=20,
+                            preview_samples=0), packed)
+
+    mapgap = [sys.executable, "-m", "mapgap.cli", "train", str(config)]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.Popen(mapgap, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(run_dir.glob("train/*/checkpoints/last.ckpt")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the training ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(run_dir.glob("train/*/result.json"))
+
+    rerun = subprocess.run(mapgap, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    [done] = run_dir.glob("train/*/result.json")
+    resumed = storage.read_json(str(done))
+    assert resumed["resumed"]
+    weights, reference = trained_weights(resumed), trained_weights(whole)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert resumed["val_metrics"] == whole["val_metrics"]
 
 
 def test_champion_only_when_val_iou_beats_it(tmp_path: Path) -> None:
