@@ -92,6 +92,32 @@ class OverpassConfig(Strict):
     user_agent: str = "mapgap/0.1 (OSM gap finder; https://github.com/mapgap/mapgap)"
 
 
+class AlignConfig(Strict):
+    """Align the labels to the imagery before training, and OSM before dedup (see
+    mapgap.tasks.alignment): per block of tiles, the shift of the labels within
+    ``max_shift_m`` that best matches a reference model's probabilities."""
+
+    # The reference model: models:/<name>@<alias|version> or a checkpoint path. A
+    # model trained on other imagery or on labels known to be aligned: one trained
+    # on this run's offset labels has learned part of their offset.
+    model: str
+    # Classes to align (default: every area class the model predicts).
+    classes: list[str] | None = None
+    max_shift_m: float = Field(default=3.0, gt=0, le=30)
+    # Offsets are measured per parent tile this many zooms up (2: 4 x 4 tiles).
+    block_zoom_offset: int = Field(default=2, ge=0, le=10)
+    # A block's own offset is used only with this many label pixels and a clear peak.
+    min_support: int = Field(default=500, ge=1)
+    min_prominence: float = Field(default=0.02, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, v: str, info: ValidationInfo) -> str:
+        if v.startswith("models:/"):
+            return v
+        return resolve_path(v, info, must_exist=False)
+
+
 class LabelsConfig(Strict):
     # A .osm.pbf / .osm / .osm.bz2 file or a vector file (GeoJSON, GeoPackage,
     # GeoParquet; one with a class column, or a path template with "{class}"),
@@ -112,6 +138,8 @@ class LabelsConfig(Strict):
     # polygons, or tile keys z{z}_{x}_{y}. Outside them background is "ignore" in
     # the masks, and hard-negative mining only mines inside them.
     complete_areas: str | list[str] | None = None
+    # Shift the labels onto the imagery (the align stage, after fetch); off by default.
+    align: AlignConfig | None = None
 
     @field_validator("source")
     @classmethod

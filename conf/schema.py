@@ -110,10 +110,13 @@ class PipelineConfig(Strict):
         """Checks across fields; each message starts with the field it is about."""
         self._check_tile_count()
         names = [c.name for c in self.classes]
-        unknown = [c for c in self.train.classes or [] if c not in names]
-        if unknown:
-            raise ValueError(f"train.classes: unknown class {unknown[0]!r}"
-                             f" (classes: {', '.join(names)})")
+        for field, chosen in (("train.classes", self.train.classes),
+                              ("labels.align.classes",
+                               self.labels.align and self.labels.align.classes)):
+            unknown = [c for c in chosen or [] if c not in names]
+            if unknown:
+                raise ValueError(f"{field}: unknown class {unknown[0]!r}"
+                                 f" (classes: {', '.join(names)})")
         if self.labels.kind in ("osm", "overpass"):
             for i, c in enumerate(self.classes):
                 if not c.tags_given:

@@ -14,6 +14,7 @@ from prefect import flow
 from mapgap import storage
 from mapgap.conf.schema import PipelineConfig
 from mapgap.layout import RunLayout
+from mapgap.tasks.aligned_labels import label_uri
 from mapgap.tasks.dedup import DedupError, dedup_class_task
 from mapgap.tasks.geometry import read_geojson
 from mapgap.tasks.review import review_task
@@ -37,8 +38,10 @@ def dedup_flow(cfg: PipelineConfig) -> dict[str, Any]:
     names = meta.get("classes") or sorted({p["class"] for p in props})
     futures = []
     for name in names:
-        digest = storage.fingerprint([layout.predictions, layout.labels(name)])
-        futures.append(dedup_class_task.submit(cfg.run_uri, name, cfg.dedup, cfg.zoom, digest))
+        osm = label_uri(layout, name, cfg.labels.align is not None)  # aligned, if so
+        digest = storage.fingerprint([layout.predictions, osm])
+        futures.append(dedup_class_task.submit(cfg.run_uri, name, cfg.dedup, cfg.zoom, osm,
+                                               digest))
     summaries = [f.result() for f in futures]
     report = {
         "run": cfg.name, "zoom": cfg.zoom, "model": meta.get("model"),

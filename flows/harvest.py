@@ -43,6 +43,7 @@ from mapgap.conf.schema import PipelineConfig
 from mapgap.grid import Tile
 from mapgap.layout import RunLayout
 from mapgap.progress import get_logger
+from mapgap.tasks.aligned_labels import current_labels
 from mapgap.tasks.labels import aoi_to_wkb, source_fingerprint
 from mapgap.tasks.osm import harvest_osm_task
 from mapgap.tasks.overpass import build_query, fetch_box_task, harvest_overpass_task, split_boxes
@@ -111,12 +112,19 @@ def harvest_labels(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def rasterize_masks(cfg: PipelineConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    """A mask for every AOI tile, batched; merges the per-batch stats."""
+    """A mask for every AOI tile, batched, from the labels in use (the aligned
+    copies where ``labels.align`` made them); merges the per-batch stats.
+
+    Masks drawn from other labels than now (alignment switched on or off, labels
+    changed and changed back) are drawn again: a batch's cached result only says
+    that *some* labels were drawn into its files."""
     layout = RunLayout(cfg.run_uri)
     spec = RasterSpec.from_config(cfg)
-    labels = {c: {"uri": v["uri"], "sha256": v["sha256"]} for c, v in summary["classes"].items()}
+    labels = current_labels(layout, summary["classes"], cfg.labels.align is not None)
+    drawn = layout.masks_drawn_from
+    redraw = storage.exists(drawn) and storage.read_json(drawn) != labels
     tiles = order_tiles(grid.tiles_for_geometry(cfg.aoi_geometry, cfg.zoom))
-    written = _written(layout, tiles[0], spec.signed_distance) if tiles else set()
+    written = _written(layout, tiles[0], spec.signed_distance) if tiles and not redraw else set()
     futures = []
     for batch in grid.iter_batches(tiles, cfg.labels.tiles_per_task):
         outputs = _batch_outputs(layout, batch, spec.signed_distance)
@@ -126,6 +134,7 @@ def rasterize_masks(cfg: PipelineConfig, summary: dict[str, Any]) -> dict[str, A
     get_logger().info("harvest: rasterizing %d tiles in %d batches", len(tiles), len(futures))
     wait(futures)
     totals = merge_stats([f.result() for f in futures], layout.mask_stats)
+    storage.write_json(drawn, labels)
     return {**totals, "mask_values": spec.values}
 
 

@@ -36,8 +36,9 @@ def inputs_digest(layout: RunLayout, zoom: int, distance: bool = False) -> str:
     the sdt PNGs' versions, which a re-harvest can change without changing the
     masks): new inputs -> repack; a rerun that fetched nothing new keeps the shards."""
     h = hashlib.sha256(stored_imagery_digest(layout, zoom).encode())
-    if storage.exists(layout.mask_stats):
-        h.update(storage.read_bytes(layout.mask_stats))
+    for uri in (layout.mask_stats, layout.masks_drawn_from):  # masks, and the labels drawn
+        if storage.exists(uri):
+            h.update(storage.read_bytes(uri))
     if distance:
         sdt_dir = layout.signed_distance(grid.Tile(0, 0, zoom)).rsplit("/", 3)[0]
         for tile, version in sorted(stored_tiles(sdt_dir, zoom).items()):

@@ -22,7 +22,7 @@ from mapgap.layout import RunLayout
 from mapgap.orchestration import configured
 from mapgap.progress import get_logger
 
-STAGE_ORDER = ("harvest", "fetch", "pack", "train", "mine", "predict", "dedup")
+STAGE_ORDER = ("harvest", "fetch", "align", "pack", "train", "mine", "predict", "dedup")
 
 
 def stage_flow(stage: str) -> Any:
@@ -34,7 +34,8 @@ def stage_flow(stage: str) -> Any:
 def pipeline_flow(
     cfg: PipelineConfig, refresh: list[str] | None = None, stages: list[str] | None = None
 ) -> dict[str, Any]:
-    """Harvest -> fetch -> pack -> train -> mine -> predict -> dedup.
+    """Harvest -> fetch -> align -> pack -> train -> mine -> predict -> dedup (align
+    only with ``labels.align``, mine only with ``mining.rounds``).
 
     ``stages`` limits the run to some stages (e.g. a nightly label refresh +
     predict), which then read the other stages' latest outputs from the run dir.
@@ -47,7 +48,8 @@ def pipeline_flow(
     log = get_logger()
     summary: dict[str, Any] = {}
     for stage in STAGE_ORDER:
-        if (stages and stage not in stages) or (stage == "mine" and cfg.mining.rounds == 0):
+        if (stages and stage not in stages) or (stage == "mine" and cfg.mining.rounds == 0) \
+                or (stage == "align" and cfg.labels.align is None):
             continue
         log.info("stage %s%s", stage, " (refresh)" if stage in refresh else "")
         with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: stage in refresh}):

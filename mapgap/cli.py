@@ -28,6 +28,8 @@ ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. co
 STAGES: dict[str, tuple[str, str, str]] = {
     "harvest": ("mapgap.flows.harvest", "harvest_flow", "Harvest OSM labels per class."),
     "fetch": ("mapgap.flows.fetch", "fetch_flow", "Fetch imagery onto the tile grid."),
+    "align": ("mapgap.flows.align", "align_flow",
+              "Align the labels to the imagery (labels.align): shift, redraw masks."),
     "pack": ("mapgap.flows.pack", "pack_flow", "Pack imagery + harvested masks into shards."),
     "train": ("mapgap.flows.train", "train_flow", "Train the model, tracked in MLflow."),
     "mine": ("mapgap.flows.mine", "mine_flow", "Hard-negative mining rounds."),

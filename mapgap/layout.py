@@ -58,6 +58,11 @@ class RunLayout:
         """Per tile: feature count and foreground fraction per class."""
         return self._p("masks", "stats.json")
 
+    @property
+    def masks_drawn_from(self) -> str:
+        """Which labels (uri + sha256 per class) the stored masks were drawn from."""
+        return self._p("masks", "labels.json")
+
     def mask_stats_part(self, batch_id: str) -> str:
         """Stats of one rasterize batch, merged into mask_stats by the flow."""
         return self._p("masks", "stats-parts", f"{batch_id}.json")

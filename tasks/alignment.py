@@ -47,6 +47,7 @@ from mapgap.grid import Tile
 from mapgap.layout import RunLayout
 from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger
+from mapgap.tasks.aligned_labels import aligned_dir
 from mapgap.tasks.geometry import MERCATOR_HALF, project
 from mapgap.tasks.labels import read_labels, write_geoparquet
 from mapgap.tasks.predict import read_probability, stored_tiles
@@ -239,7 +240,8 @@ def label_window(feats: BatchFeatures, tile: Tile, size: int, pad: int) -> np.nd
 
 def estimate_block(layout: RunLayout, labels_uri: str, block: Tile, tiles: list[Tile],
                    band: int, tile_size: int, settings: AlignSettings) -> BlockOffset:
-    """The correction of one block from its tiles' probabilities and labels."""
+    """The correction of one block from its tiles' probabilities (``layout``'s) and
+    labels."""
     zoom = tiles[0].z
     mpp = grid.metres_per_pixel(block, tile_size * 2 ** (zoom - block.z))
     radius = max(1, math.ceil(settings.max_shift_m / mpp))
@@ -289,23 +291,25 @@ def blocks_of(tiles: list[Tile], block_zoom: int) -> Iterator[tuple[Tile, list[T
 
 
 def estimate_offsets(layout: RunLayout, class_name: str, *, band: int, zoom: int,
-                     tile_size: int, settings: AlignSettings) -> Offsets:
-    """Per block of the run's probability tiles, the correction of ``class_name``'s
-    labels (``layout.labels``) against probability band ``band``; logs each block
-    and the global offset."""
+                     tile_size: int, settings: AlignSettings,
+                     probs: RunLayout | None = None) -> Offsets:
+    """Per block of the probability tiles (``probs``'s, default ``layout``'s), the
+    correction of ``class_name``'s labels (``layout.labels``) against probability
+    band ``band``; logs each block and the global offset."""
     labels_uri = layout.labels(class_name)
     if not storage.exists(labels_uri):
         raise AlignmentError(f"{labels_uri}: no labels for class {class_name!r} "
                              "(run mapgap harvest)")
-    tiles = list(stored_tiles(layout.probabilities, zoom))
+    probs = probs or layout
+    tiles = list(stored_tiles(probs.probabilities, zoom))
     if not tiles:
-        raise AlignmentError(f"{layout.probabilities}: no zoom-{zoom} probability tiles "
+        raise AlignmentError(f"{probs.probabilities}: no zoom-{zoom} probability tiles "
                              "(predict with a first model before aligning)")
     block_zoom = max(0, zoom - settings.block_zoom_offset)
     log = get_logger()
     blocks = []
     for block, members in blocks_of(tiles, block_zoom):
-        b = estimate_block(layout, labels_uri, block, members, band, tile_size, settings)
+        b = estimate_block(probs, labels_uri, block, members, band, tile_size, settings)
         log.info("align %s %s: east %+.2f m north %+.2f m (%+.1f, %+.1f px), r %.3f (%+.3f "
                  "vs none), prominence %.3f, support %d px%s", class_name, b.block, b.east_m,
                  b.north_m, b.dx_px, b.dy_px, b.score, b.gain, b.prominence, b.support,
@@ -372,14 +376,20 @@ def shift_labels(frame: Any, offsets: Offsets) -> Any:
 
 # --- offsets files -----------------------------------------------------------------------
 
+def probabilities_layout(layout: RunLayout) -> RunLayout:
+    """Where the align stage writes the reference model's probabilities (its
+    ``probabilities`` folder), apart from the predict stage's."""
+    return RunLayout(aligned_dir(layout))
+
+
 def offsets_uri(layout: RunLayout, class_name: str) -> str:
     """Where a class's offsets live in the run dir."""
-    return storage.join(layout.root, "labels", "aligned", f"{class_name}.offsets.json")
+    return storage.join(aligned_dir(layout), f"{class_name}.offsets.json")
 
 
 def aligned_labels_uri(layout: RunLayout, class_name: str) -> str:
     """The class's labels after the shift (GeoParquet, same columns as the harvest's)."""
-    return storage.join(layout.root, "labels", "aligned", f"{class_name}.parquet")
+    return storage.join(aligned_dir(layout), f"{class_name}.parquet")
 
 
 def write_offsets(uri: str, offsets: Offsets) -> str:
@@ -400,20 +410,24 @@ def read_offsets(uri: str) -> Offsets:
 @stage_task(name="align-estimate")
 def estimate_offsets_task(run_uri: str, class_name: str, band: int, zoom: int, tile_size: int,
                           settings: AlignSettings, inputs: str) -> str:
-    """Offsets of one class -> its offsets file. ``inputs``: digest of the labels and
-    probabilities (cache key only)."""
+    """Offsets of one class -> its offsets file, from the align stage's probabilities.
+    ``inputs``: digest of the labels and probabilities (cache key only)."""
     layout = RunLayout(run_uri)
     offsets = estimate_offsets(layout, class_name, band=band, zoom=zoom, tile_size=tile_size,
-                               settings=settings)
+                               settings=settings, probs=probabilities_layout(layout))
     return write_offsets(offsets_uri(layout, class_name), offsets)
 
 
 @stage_task(name="align-labels")
-def shift_labels_task(run_uri: str, class_name: str, offsets: str, inputs: str
+def shift_labels_task(run_uri: str, class_name: str, offsets: str, source_sha256: str
                       ) -> dict[str, Any]:
     """The class's labels moved by its offsets -> aligned GeoParquet; returns uri,
-    sha256 and features (like a harvest summary entry). ``inputs``: digest of the
-    labels and the offsets file (cache key only)."""
+    sha256 and features (like a harvest summary entry), the sha256 of the labels it
+    was made from (also the cache key with the offsets) and the global offset."""
     layout = RunLayout(run_uri)
-    frame = shift_labels(read_labels(layout.labels(class_name)), read_offsets(offsets))
-    return write_geoparquet(frame, aligned_labels_uri(layout, class_name))
+    moves = read_offsets(offsets)
+    frame = shift_labels(read_labels(layout.labels(class_name)), moves)
+    written = write_geoparquet(frame, aligned_labels_uri(layout, class_name))
+    return {**written, "source_sha256": source_sha256, "offsets": offsets,
+            "global_east_m": moves.global_east_m, "global_north_m": moves.global_north_m,
+            "trusted_blocks": moves.trusted_blocks, "blocks": len(moves.blocks)}

@@ -165,11 +165,13 @@ def dissolve(geoms: np.ndarray) -> np.ndarray:
 
 # --- one class -----------------------------------------------------------------------------
 
-def read_osm(layout: RunLayout, class_name: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """(lon/lat polygons, properties) of a class's harvested OSM features."""
+def read_osm(layout: RunLayout, class_name: str, uri: str | None = None
+             ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(lon/lat polygons, properties) of a class's OSM features: the harvested ones,
+    or ``uri`` (e.g. their copy aligned to the imagery)."""
     from mapgap.tasks.labels import read_labels
 
-    uri = layout.labels(class_name)
+    uri = uri or layout.labels(class_name)
     if not storage.exists(uri):
         raise DedupError(f"{uri}: no OSM labels for class {class_name!r} (run mapgap harvest)")
     frame = read_labels(uri)
@@ -200,15 +202,17 @@ def predicted_cells(layout: RunLayout, zoom: int, grid_zoom: int) -> list[Tile]:
                    for t in tiles}, key=lambda t: (t.y, t.x))
 
 
-def dedup_class(layout: RunLayout, class_name: str, dedup_cfg: Any, zoom: int) -> dict[str, Any]:
-    """Candidates, unsupported OSM and the quality grid of one class -> GeoJSON parts."""
+def dedup_class(layout: RunLayout, class_name: str, dedup_cfg: Any, zoom: int,
+                osm_uri: str | None = None) -> dict[str, Any]:
+    """Candidates, unsupported OSM and the quality grid of one class -> GeoJSON parts.
+    ``osm_uri``: the OSM features to compare with (default: the harvested labels)."""
     preds_all, pred_props_all = read_geojson(layout.predictions)
     mine = [i for i, p in enumerate(pred_props_all) if p.get("class") == class_name]
     preds, pred_props = preds_all[mine], [pred_props_all[i] for i in mine]
     grid_zoom = dedup_cfg.grid_zoom if dedup_cfg.grid_zoom is not None else zoom
     cells = predicted_cells(layout, zoom, grid_zoom)
     cell_keys = {(t.x, t.y) for t in cells}
-    osm_all, osm_props_all = read_osm(layout, class_name)
+    osm_all, osm_props_all = read_osm(layout, class_name, osm_uri)
     ox, oy = tile_indices(shapely.point_on_surface(osm_all), grid_zoom)
     in_scope = np.flatnonzero([(x, y) in cell_keys for x, y in zip(ox, oy, strict=True)])
     osm, osm_props = osm_all[in_scope], [osm_props_all[i] for i in in_scope]
@@ -273,6 +277,6 @@ def _mean(values: list[float | None]) -> float | None:
 
 @stage_task(name="dedup-class")
 def dedup_class_task(run_uri: str, class_name: str, dedup_cfg: Any, zoom: int,
-                     inputs: str) -> dict[str, Any]:
+                     osm_uri: str, inputs: str) -> dict[str, Any]:
     """``inputs``: content digest of the predictions and labels (cache key only)."""
-    return dedup_class(RunLayout(run_uri), class_name, dedup_cfg, zoom)
+    return dedup_class(RunLayout(run_uri), class_name, dedup_cfg, zoom, osm_uri)

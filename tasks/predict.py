@@ -14,6 +14,7 @@ calls this directly needs an ``if __name__ == "__main__":`` guard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -111,26 +112,28 @@ def default_model_spec(cfg: Any) -> str:
     return f"models:/{model_name(cfg.train.classes or [c.name for c in cfg.classes])}@champion"
 
 
-def resolve_model(cfg: Any) -> ModelRef:
-    """Pin the configured model: registry alias -> version, checkpoint -> digest."""
-    spec = cfg.inference.model or default_model_spec(cfg)
+def resolve_model(cfg: Any, spec: str | None = None, field: str = "inference.model"
+                  ) -> ModelRef:
+    """Pin a model: registry alias -> version, checkpoint -> digest. ``spec``
+    (named ``field`` in errors) defaults to the configured inference model."""
+    spec = spec or cfg.inference.model or default_model_spec(cfg)
     if not spec.startswith("models:/"):
         if not storage.exists(spec):
-            raise ModelLoadError(f"inference.model: checkpoint not found: {spec}")
+            raise ModelLoadError(f"{field}: checkpoint not found: {spec}")
         return ModelRef(spec, None, key=storage.fingerprint([spec]))
     from mapgap.tracking import tracking_uri
 
-    return registry_model(spec, tracking_uri(cfg))
+    return registry_model(spec, tracking_uri(cfg), field)
 
 
-def registry_model(spec: str, tracking: str) -> ModelRef:
+def registry_model(spec: str, tracking: str, field: str = "inference.model") -> ModelRef:
     from mlflow.exceptions import MlflowException
 
     from mapgap.tracking import client as tracking_client
 
     m = _REGISTRY_SPEC.match(spec)
     if not m:
-        raise ModelLoadError(f"inference.model: expected models:/<name>@<alias> or "
+        raise ModelLoadError(f"{field}: expected models:/<name>@<alias> or "
                              f"models:/<name>/<version>, got {spec!r}")
     client = tracking_client(tracking)
     try:
@@ -139,7 +142,7 @@ def registry_model(spec: str, tracking: str) -> ModelRef:
         else:
             mv = client.get_model_version(m["name"], m["version"])
     except MlflowException:
-        raise ModelLoadError(f"inference.model: {spec} is not in the MLflow registry at "
+        raise ModelLoadError(f"{field}: {spec} is not in the MLflow registry at "
                              f"{tracking} (train a model first: mapgap train)") from None
     return ModelRef(spec, tracking, key=f"{m['name']}/{mv.version}", run_id=mv.run_id)
 
@@ -337,6 +340,15 @@ def band_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "band_names", None) or model.classes)
 
 
+def autocast(device: torch.device) -> Any:
+    """bf16 (or fp16) autocast on CUDA, as in training; full precision on the CPU,
+    where autocast would be slower and the output must not change."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
 def predict_tiles(layout: RunLayout, tiles: list[Tile], model: nn.Module,
                   s: PredictSettings, out: RunLayout | None = None) -> dict[str, int]:
     """Predict ``tiles`` (all with imagery in ``layout``) and write their probability
@@ -355,7 +367,8 @@ def predict_tiles(layout: RunLayout, tiles: list[Tile], model: nn.Module,
             torch.inference_mode():
         for idx, x in loader:
             x = x.to(device, non_blocking=True).float().div_(255)
-            p = forward_bands(model, x, s.tta)[:, :, m:m + size, m:m + size]
+            with autocast(device):
+                p = forward_bands(model, x, s.tta)[:, :, m:m + size, m:m + size].float()
             probs = p.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             pending.append(writer.submit(_write_batch, out or layout, [ordered[i] for i in idx],
                                          probs))
@@ -385,14 +398,17 @@ def write_meta(layout: RunLayout, ref: ModelRef, classes: list[str], s: PredictS
 
 @stage_task(name="predict-tiles")
 def predict_batch(run_uri: str, tile_keys: list[str], model: ModelRef,
-                  settings: PredictSettings, imagery: str) -> dict[str, int]:
+                  settings: PredictSettings, imagery: str, out_uri: str | None = None
+                  ) -> dict[str, int]:
     """One cached task per batch of tiles (the model is loaded once per process);
-    ``imagery``: the batch's :func:`imagery_digest`, part of the cache key."""
+    ``imagery``: the batch's :func:`imagery_digest`, part of the cache key;
+    ``out_uri``: the root of another layout to write the probabilities to."""
     faulty = os.environ.get(FAULTY_TILE_ENV)
     if faulty in tile_keys:
         raise TileReadError(f"{FAULTY_TILE_ENV}={faulty}: injected failure in this tile batch")
     tiles = [parse_tile_key(k) for k in tile_keys]
-    result = predict_tiles(RunLayout(run_uri), tiles, load_model(model), settings)
+    result = predict_tiles(RunLayout(run_uri), tiles, load_model(model), settings,
+                           RunLayout(out_uri) if out_uri else None)
     get_logger().info("predicted %d tiles (%s..%s)", result["tiles"], tile_keys[0],
                       tile_keys[-1])
     return result

@@ -149,3 +149,34 @@ def test_missing_labels_is_a_clear_error(scene) -> None:
     storage.remove(layout.labels("building"))
     with pytest.raises(DedupError, match=r"building.parquet: no OSM labels .*mapgap harvest"):
         dedup_class(layout, "building", cfg.dedup, cfg.zoom)
+
+
+def test_dedup_compares_with_the_aligned_osm_while_it_is_current(scene) -> None:
+    """With labels.align on, dedup reads the shifted copy of the OSM labels, but only
+    while it was made from the labels harvested now (their sha256)."""
+    import hashlib
+
+    from mapgap.tasks.aligned_labels import aligned_summary_uri, label_uri
+    from mapgap.tasks.alignment import aligned_labels_uri
+
+    cfg, layout = scene
+    harvested = layout.labels("building")
+    sha = hashlib.sha256(storage.read_bytes(harvested)).hexdigest()
+    storage.write_json(layout.labels_summary,
+                       {"classes": {"building": {"uri": harvested, "sha256": sha}}})
+    # The copy moved the mapped house off the predicted one: it becomes a candidate.
+    original = storage.read_bytes(harvested)
+    write_labels(layout, [_lonlat_box(150, 150, 190, 190), _lonlat_box(300, 50, 340, 90)])
+    aligned = aligned_labels_uri(layout, "building")
+    storage.write_bytes(aligned, storage.read_bytes(harvested))
+    storage.write_bytes(harvested, original)
+    entry = {"uri": aligned, "sha256": "x", "source_sha256": sha}
+    storage.write_json(aligned_summary_uri(layout), {"building": entry})
+
+    assert label_uri(layout, "building", aligned=False) == harvested
+    assert label_uri(layout, "building", aligned=True) == aligned
+    s = dedup_class(layout, "building", cfg.dedup, cfg.zoom, aligned)
+    assert (s["candidates"], s["unsupported"]) == (2, 2)
+    storage.write_json(aligned_summary_uri(layout), {"building": {**entry,
+                                                                  "source_sha256": "old"}})
+    assert label_uri(layout, "building", aligned=True) == harvested  # stale: not used
