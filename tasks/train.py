@@ -136,7 +136,10 @@ def quiet_lightning() -> Iterator[None]:
     """Lightning's tips (litlogger, litmodels), device banners and the deprecation
     warnings of its dependencies flood every run's log: EpochLog says what matters.
     Warnings about mapgap's own settings (e.g. few loader workers) stay."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    # pytorch_lightning too: once something imports that twin package, it names the
+    # rank-zero logger that both packages share.
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric",
+                                              "pytorch_lightning", "lightning_fabric")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)

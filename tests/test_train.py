@@ -203,6 +203,22 @@ def test_kill_9_mid_epoch_then_rerun_gives_the_uninterrupted_model(packed: Any,
     assert resumed["val_metrics"] == whole["val_metrics"]
 
 
+def test_training_log_has_no_lightning_chatter(packed: Any, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning's tips and device banners stay out of the log, also once its twin
+    package (pytorch_lightning, which MLflow may import) has renamed their logger."""
+    import logging
+
+    import pytorch_lightning  # noqa: F401
+
+    caplog.set_level(logging.INFO)
+    train(with_root(packed, tmp_path / "quiet", epochs=1, steps_per_epoch=2,
+                    preview_samples=0), packed)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "epoch 1/1" in text
+    assert "litlogger" not in text and "GPU available" not in text, text
+
+
 def test_champion_only_when_val_iou_beats_it(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = tracking.client(uri)
