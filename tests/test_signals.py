@@ -9,6 +9,7 @@ stuck mid-stage, every time, without timing races."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -46,9 +47,16 @@ def stuck_scene(root: Path) -> tuple[object, Path, Path]:
     return cfg, config, fifo
 
 
+def cli_env(level: str = "INFO") -> dict[str, str]:
+    """The CLI's environment: no API URL, so it starts its own temporary server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_LOGGING_LEVEL"] = level
+    return env
+
+
 def start_mapgap(*args: str, log: Path) -> subprocess.Popen:
     """`mapgap <args>` in a session of its own (signals to its group hit only it)."""
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
+    env = cli_env()
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "mapgap.cli", *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -74,14 +82,24 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
-def flow_run_states(log: Path) -> dict[str, str]:
-    """Flow run id -> state name of the flow runs a `mapgap` log links to."""
-    from prefect.client.orchestration import get_client
+STATES_SCRIPT = """
+import json, sys
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    print(json.dumps({i: client.read_flow_run(i).state.name for i in sys.argv[1:]}))
+"""
 
+
+def flow_run_states(log: Path) -> dict[str, str]:
+    """Flow run id -> state name of the flow runs a `mapgap` log links to, read as
+    the CLI would (its environment, so its Prefect database, through a temporary
+    server): not through this process's API, which other tests may have moved."""
     ids = sorted(set(re.findall(r"/runs/flow-run/([0-9a-f-]{36})", log.read_text())))
     assert ids, log.read_text()[-3000:]
-    with get_client(sync_client=True) as client:
-        return {i: client.read_flow_run(i).state.name for i in ids}
+    out = subprocess.run([sys.executable, "-c", STATES_SCRIPT, *ids], env=cli_env("WARNING"),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -157,7 +175,7 @@ def test_the_run_after_a_kill_9_cleans_up_after_it(tmp_path: Path) -> None:
     write_tile(fifo)
 
     rerun = subprocess.run([sys.executable, "-m", "mapgap.cli", "predict", str(config)],
-                           capture_output=True, text=True, timeout=300)
+                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "1 flow run(s) marked Crashed, 1 MLflow run(s) KILLED" in rerun.stderr
     states = flow_run_states(log)

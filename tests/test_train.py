@@ -174,6 +174,9 @@ def test_kill_9_mid_epoch_then_rerun_gives_the_uninterrupted_model(packed: Any,
                     preview_samples=0)
     run_dir = Path(cfg.run_uri)
     shutil.copytree(packed.run_uri, run_dir)  # the packed shards, in a run dir of its own
+    for done in ("train", "prefect-results", "mlflow.db"):  # other tests' trainings
+        path = run_dir / done
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
     whole = train(with_root(packed, tmp_path / "whole", epochs=3, steps_per_epoch=20,
