@@ -14,8 +14,10 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -138,12 +140,15 @@ def configured(flow_obj: Any, cfg: Any) -> Any:
     )
 
 
-def mark_crashed(tag: str, message: str) -> list[str]:
+def mark_crashed(tag: str, message: str, failed_since: datetime | None = None) -> list[str]:
     """Set the flow runs tagged ``tag`` that are not final to Crashed.
 
     For the runs of a process that died (``kill -9``) or is being stopped by a
-    signal: nothing else would ever move them out of Running. Best effort: an
-    unreachable API must not keep a stopping process alive. Returns their ids.
+    signal: nothing else would ever move them out of Running. A stop kills the
+    workers, so the flow engine may have failed a run first: runs that became
+    Failed at or after ``failed_since`` (the signal) are the stop's too. Best
+    effort: an unreachable API must not keep a stopping process alive. Returns
+    their ids.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -154,7 +159,10 @@ def mark_crashed(tag: str, message: str) -> list[str]:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
         for run in runs:
-            if run.state is None or not run.state.is_final():
+            state = run.state
+            by_stop = (failed_since is not None and state is not None and state.is_failed()
+                       and state.timestamp >= failed_since)
+            if state is None or not state.is_final() or by_stop:
                 client.set_flow_run_state(run.id, Crashed(message=message), force=True)
                 marked.append(str(run.id))
     return marked
@@ -293,13 +301,14 @@ class Stopper:
         self.cfg, self.lock = cfg, lock
         self.server_pid: int | None = None  # stopped last: marking states needs it
         self.signum: int | None = None
+        self.signalled_at: datetime | None = None
         self._context: Any = None
+        self._flow_returned = threading.Event()
 
     def arm(self) -> Stopper:
         """Listen for the signals (main thread, before the run starts)."""
         import signal
         import socket
-        import threading
 
         reader, writer = socket.socketpair()
         writer.setblocking(False)
@@ -329,6 +338,7 @@ class Stopper:
             data = reader.recv(64)
             hit = [signum for signum in data if signum in wanted]
             if hit:
+                self.signalled_at = datetime.now(UTC)
                 self.signum = hit[0]
                 context = self._context
                 if context is None:
@@ -338,18 +348,25 @@ class Stopper:
                 return
 
     def wait_if_stopping(self) -> None:
-        """Block the calling thread while the listener thread ends the process."""
-        import threading
+        """Block the calling thread while the listener thread ends the process.
 
+        Called when the flow has returned: its engine has written the runs'
+        final states, which the stop then overwrites (not the other way round).
+        """
         if self.signum is not None:
+            self._flow_returned.set()
             threading.Event().wait()
+
+    # How long the stop waits, after killing the workers, for the flow engine
+    # to finish its runs (a flow blocked elsewhere is marked without waiting).
+    SETTLE_S = 5.0
 
     MARK_TIMEOUT_S = 8.0
 
     def _mark(self, name: str) -> None:
         from mapgap import tracking
 
-        mark_crashed(self.lock.owner.run_tag, f"mapgap: stopped by {name}")
+        mark_crashed(self.lock.owner.run_tag, f"mapgap: stopped by {name}", self.signalled_at)
         with contextlib.suppress(Exception):
             tracking.mark_crashed_runs(self.cfg, self.lock.owner.since, f"stopped by {name}")
 
@@ -357,7 +374,6 @@ class Stopper:
         import contextvars
         import signal
         import sys
-        import threading
 
         from mapgap import workers
 
@@ -367,6 +383,7 @@ class Stopper:
             server = set(workers.descendants(self.server_pid)) | {self.server_pid} \
                 if self.server_pid else set()
             workers.stop_processes([p for p in workers.descendants() if p not in server])
+            self._flow_returned.wait(timeout=self.SETTLE_S)
             # Bounded: an unreachable API or tracking server must not keep us alive.
             marking = threading.Thread(target=contextvars.copy_context().run,
                                        args=(self._mark, name), daemon=True)
