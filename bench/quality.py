@@ -13,6 +13,7 @@ Prints one row per model and ``kampala_object_f1=<best object F1>`` last
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -28,7 +29,8 @@ MODELS = {
 }
 
 
-def train_one(root: Path, name: str, minutes: float) -> dict[str, Any]:
+def train_one(root: Path, name: str, minutes: float,
+              overrides: dict[str, Any]) -> dict[str, Any]:
     from mapgap.conf import load_config
     from mapgap.flows.fetch import fetch_flow
     from mapgap.flows.harvest import harvest_flow
@@ -37,7 +39,7 @@ def train_one(root: Path, name: str, minutes: float) -> dict[str, Any]:
     from mapgap.orchestration import configured
 
     train = {**MODELS[name], "epochs": 1000, "max_minutes": minutes, "val_batches": None,
-             "object_val_tiles": 10_000}
+             "object_val_tiles": 10_000, **overrides}
     cfg = load_config(REPO / "conf" / "kampala.yaml",
                       {"storage": {"root": str(root)}, "train": train})
     for stage in (fetch_flow, harvest_flow, pack_flow):  # cached after the first model
@@ -54,6 +56,9 @@ def train_one(root: Path, name: str, minutes: float) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per model")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--train", type=json.loads, default={},
+                        help='train settings to try, as JSON: \'{"crop_size": 256}\'')
     args = parser.parse_args()
     if not KAMPALA.exists():
         print(f"skipped: {KAMPALA} not found (see ../shared/data/README.md)")
@@ -61,8 +66,8 @@ def main() -> None:
         sys.exit(0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mapgap-quality-") as tmp:
-        for name in MODELS:
-            rows.append(train_one(Path(tmp), name, args.minutes))
+        for name in args.models:
+            rows.append(train_one(Path(tmp), name, args.minutes, args.train))
     print(f"{'model':<11} {'train s':>7} {'epochs':>6} {'pixel IoU':>9} {'obj P':>6} "
           f"{'obj R':>6} {'obj F1':>6} {'calib F1':>8}")
     for r in rows:

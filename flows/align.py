@@ -118,4 +118,4 @@ def align_flow(cfg: PipelineConfig) -> dict[str, Any]:
             "classes": {n: {k: v[k] for k in ("global_east_m", "global_north_m",
                                               "trusted_blocks", "blocks", "offsets", "uri")}
                         for n, v in shifted.items()},
-            "masks": masks.get("tiles", masks)}
+            "masks": masks["tiles"]}

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mapgap import storage
 from mapgap.grid import Tile, neighbours, parse_tile_key, tile_key
 from mapgap.layout import RunLayout
+from mapgap.models.precision import cuda_half_dtype
 from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger
 from mapgap.tasks.neighbourhood import TileCache, cache_capacity, row_major, with_margin
@@ -341,12 +342,10 @@ def band_names(model: nn.Module) -> list[str]:
 
 
 def autocast(device: torch.device) -> Any:
-    """bf16 (or fp16) autocast on CUDA, as in training; full precision on the CPU,
-    where autocast would be slower and the output must not change."""
+    """Autocast on CUDA in training's half precision; float32 on the CPU."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=cuda_half_dtype())
 
 
 def predict_tiles(layout: RunLayout, tiles: list[Tile], model: nn.Module,

@@ -51,6 +51,7 @@ from mapgap.layout import RunLayout
 from mapgap.models.datamodule import ShardDataModule
 from mapgap.models.inference import MODEL_FILE, load_model, read_checkpoint
 from mapgap.models.module import SegmentationModule
+from mapgap.models.precision import lightning_precision
 from mapgap.models.segmentation import SegmentationModel, checkpoint_dict
 from mapgap.orchestration import stage_task
 from mapgap.progress import get_logger
@@ -164,13 +165,6 @@ def _check_sizes(cfg: PipelineConfig, multiple: int) -> None:
                                 "input multiple: 2**train.depth, or 32 for pretrained encoders)")
 
 
-def _precision(device: str) -> str:
-    """bf16 (or fp16) autocast on CUDA; full precision on the CPU."""
-    if device == "cpu" or not torch.cuda.is_available():
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
 def _trainer(cfg: PipelineConfig, epochs: int, ckpt_dir: str, logger: MLFlowLogger,
              callbacks: Sequence[Callback], metric: str) -> tuple[L.Trainer, ModelCheckpoint]:
     t = cfg.train
@@ -180,7 +174,7 @@ def _trainer(cfg: PipelineConfig, epochs: int, ckpt_dir: str, logger: MLFlowLogg
     trainer = L.Trainer(
         accelerator={"cpu": "cpu", "cuda": "gpu"}.get(t.device, "auto"),
         devices=1,
-        precision=_precision(t.device),
+        precision=lightning_precision(t.device),
         max_epochs=epochs,
         limit_train_batches=t.steps_per_epoch,
         limit_val_batches=t.val_batches or 1.0,
